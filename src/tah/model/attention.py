@@ -1,0 +1,30 @@
+"""The duo-causal rule, in one place.
+
+A query at (position p, depth d) sees the KV entry (p', d') iff p' <= p, d' <= d and the entry is
+valid (not padding). Depth 0 is therefore exactly the base model's causal attention, and a deeper
+query sees the whole shallower prefix plus the deeper entries of earlier hard tokens and its own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def duo_causal_visible(q_pos: torch.Tensor, q_depth: int | torch.Tensor, k_pos: torch.Tensor,
+                       k_depth: torch.Tensor, k_valid: torch.Tensor) -> torch.Tensor:
+    """Bool (B, Tq, S): may query i see key j. q_pos (B, Tq); q_depth int or (B, Tq); k_* (B, S)."""
+    if isinstance(q_depth, int):
+        depth_ok = (k_depth <= q_depth)[:, None, :]
+    else:
+        depth_ok = k_depth[:, None, :] <= q_depth[:, :, None]
+    return (k_pos[:, None, :] <= q_pos[:, :, None]) & depth_ok & k_valid[:, None, :]
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, Tq, S) bool -> (B, 1, Tq, S) additive float mask, as HF's eager and SDPA paths take it.
+
+    A float mask (not bool) keeps a query that sees nothing (a fully padded row) finite: it
+    averages the values instead of returning NaN, and its output is never read.
+    """
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]

@@ -1,0 +1,130 @@
+"""`TaHCache`: preallocated KV slots tagged with (position, depth, valid).
+
+Per layer one buffer (B, kv_heads, capacity, head_dim) for keys and one for values. Each row
+fills its slots left to right; a pass writes its real tokens at the row's fill level and its
+padding just after (marked invalid, overwritten by the next pass), so a row holds exactly one
+entry per (token, depth it reached). Capacity grows by doubling; attention reads a view of the
+first `S` slots, never a concatenation. HF attention layers call `update()` like a `Cache`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tah.model.attention import additive_mask, duo_causal_visible
+
+
+class TaHCache:
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self.keys: list[torch.Tensor | None] = []
+        self.values: list[torch.Tensor | None] = []
+        self.pos: torch.Tensor | None = None  # (B, capacity) token position of each slot
+        self.depth: torch.Tensor | None = None  # (B, capacity) depth of each slot
+        self.valid: torch.Tensor | None = None  # (B, capacity) False for padding and free slots
+        self.fill: torch.Tensor | None = None  # (B,) live slots per row
+        self.seen: torch.Tensor | None = None  # (B,) valid depth-0 tokens per row = next position
+        self._slots: torch.Tensor | None = None  # (B, A) where the current pass writes
+        self._start: int | None = None  # set when the current pass writes one contiguous block
+        self._length = 0  # S: slots the current pass attends over
+
+    # -- bookkeeping, once per pass -------------------------------------------------------------
+    def positions_for(self, valid: torch.Tensor) -> torch.Tensor:
+        """Position ids (B, T) of new tokens: count of earlier valid tokens; padding gets 0."""
+        before = self.seen if self.seen is not None else torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
+        return (before[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
+
+    def begin_pass(self, positions: torch.Tensor, depth: int | torch.Tensor, real: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """Reserve slots for a pass of (B, A) queries; returns its (B, 1, A, S) additive mask.
+
+        positions (B, A); depth int or (B, A); real (B, A) bool, False for padding queries.
+        """
+        batch, width = positions.shape
+        self._ensure_rows(batch, positions.device)
+        fill = self.fill
+        n_real = real.sum(1)
+        self._start = int(fill[0]) if bool(real.all()) and bool((fill == fill[0]).all()) else None
+        if self._start is not None:
+            slots = self._start + torch.arange(width, device=positions.device).expand(batch, width)
+        else:  # real tokens first, in order, then padding
+            rank_real = real.long().cumsum(1) - 1
+            rank_pad = (~real).long().cumsum(1) - 1
+            slots = fill[:, None] + torch.where(real, rank_real, n_real[:, None] + rank_pad)
+        self._length = int(fill.max()) + width
+        self._grow(self._length)
+        rows = torch.arange(batch, device=positions.device)[:, None]
+        self.pos[rows, slots] = positions
+        self.depth[rows, slots] = depth if isinstance(depth, torch.Tensor) else torch.full_like(positions, depth)
+        self.valid[rows, slots] = real
+        self._slots = slots
+        self.fill = fill + n_real
+        shallow = (depth == 0) if isinstance(depth, int) else (depth == 0)
+        self.seen = self.seen + (real & shallow).sum(1)
+        S = self._length
+        visible = duo_causal_visible(positions, depth, self.pos[:, :S], self.depth[:, :S], self.valid[:, :S])
+        return additive_mask(visible, dtype)
+
+    def _ensure_rows(self, batch: int, device: torch.device) -> None:
+        if self.fill is None:
+            self.fill = torch.zeros(batch, dtype=torch.long, device=device)
+            self.seen = torch.zeros(batch, dtype=torch.long, device=device)
+            self.pos = torch.zeros(batch, self.capacity, dtype=torch.long, device=device)
+            self.depth = torch.zeros(batch, self.capacity, dtype=torch.long, device=device)
+            self.valid = torch.zeros(batch, self.capacity, dtype=torch.bool, device=device)
+        elif self.fill.shape[0] != batch:
+            raise ValueError(f"this cache holds {self.fill.shape[0]} rows; the input has {batch}")
+
+    def _grow(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        new = max(2 * self.capacity, needed)
+        self.pos = _extend(self.pos, new, dim=1)
+        self.depth = _extend(self.depth, new, dim=1)
+        self.valid = _extend(self.valid, new, dim=1)
+        self.capacity = new  # layer buffers follow lazily in update()
+
+    # -- the HF `Cache` interface used by attention layers ---------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this pass's (B, H, A, D) keys/values; return views of the first S slots."""
+        while len(self.keys) <= layer_idx:
+            self.keys.append(None)
+            self.values.append(None)
+        self.keys[layer_idx] = self._write(self.keys[layer_idx], key_states)
+        self.values[layer_idx] = self._write(self.values[layer_idx], value_states)
+        S = self._length
+        return self.keys[layer_idx][:, :, :S], self.values[layer_idx][:, :, :S]
+
+    def _write(self, buffer: torch.Tensor | None, states: torch.Tensor) -> torch.Tensor:
+        b, h, _, d = states.shape
+        if buffer is None:
+            buffer = states.new_zeros(b, h, self.capacity, d)
+        elif buffer.shape[2] < self.capacity:
+            buffer = _extend(buffer, self.capacity, dim=2)
+        if torch.is_grad_enabled() and (states.requires_grad or buffer.requires_grad):
+            # Training: never modify a buffer an earlier pass saved for backward.
+            buffer = buffer.clone()
+        if self._start is not None:
+            buffer[:, :, self._start:self._start + states.shape[2]] = states
+        else:
+            rows = torch.arange(b, device=states.device)[:, None]
+            buffer[rows, :, self._slots] = states.transpose(1, 2)
+        return buffer
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.seen is None else int(self.seen.max())
+
+    def entries(self) -> torch.Tensor:
+        """(B,) KV entries each row holds per layer: one per (token, depth it reached)."""
+        return self.fill.clone() if self.fill is not None else torch.zeros(0, dtype=torch.long)
+
+    def nbytes(self) -> int:
+        """Bytes held by the key and value buffers of all layers."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+
+def _extend(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim] = size - shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)

@@ -1,0 +1,138 @@
+"""Depth-aware LoRA: one adapter per latent depth (or one shared), chosen per token.
+
+Why not peft: peft switches adapters by walking every module, silently re-enables their
+gradients, and cannot give tokens of one forward different adapters. Here every wrapped
+linear reads the current depth from one shared `DepthState`, so switching depth is one
+attribute write, and a forward may mix depths (fused generation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tah.errors import ConfigError
+
+
+class DepthState:
+    """The depth of the pass being run: an int for the whole forward, or a (B, T) LongTensor."""
+
+    def __init__(self) -> None:
+        self.depth: int | torch.Tensor = 0
+        self.depths_present: list[int] = [0]
+
+    def set(self, depth: int | torch.Tensor) -> None:
+        self.depth = depth
+        if isinstance(depth, int):
+            self.depths_present = [depth]
+        else:  # one sync per forward, not per layer
+            self.depths_present = sorted(int(d) for d in torch.unique(depth).tolist())
+
+
+class DepthLoRALinear(nn.Module):
+    """`base_layer(x) + scaling * B_a(A_a(dropout(x)))` with adapter a chosen by the token's depth.
+
+    Depth 0 never runs an adapter. `num_adapters` is 1 (shared by all depths >= 1) or max_iter - 1
+    (adapter d - 1 for depth d). Input (..., in_features) -> output (..., out_features).
+    """
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float,
+                 num_adapters: int, state: DepthState) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.rank, self.scaling = rank, alpha / rank
+        dev, dt = base_layer.weight.device, base_layer.weight.dtype
+        self.lora_A = nn.ParameterList(
+            nn.Parameter(torch.empty(rank, base_layer.in_features, device=dev, dtype=dt)) for _ in range(num_adapters)
+        )
+        self.lora_B = nn.ParameterList(
+            nn.Parameter(torch.zeros(base_layer.out_features, rank, device=dev, dtype=dt)) for _ in range(num_adapters)
+        )
+        for a in self.lora_A:  # peft's init: A random, B zero, so a fresh adapter changes nothing
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._state = state
+        self._merged: dict[int, torch.Tensor] = {}
+
+    def adapter_index(self, depth: int) -> int:
+        return min(depth, len(self.lora_A)) - 1
+
+    def delta(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        return F.linear(F.linear(self.dropout(x), self.lora_A[index]), self.lora_B[index]) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        depth = self._state.depth
+        if isinstance(depth, int):
+            if depth == 0:
+                return self.base_layer(x)
+            index = self.adapter_index(depth)
+            if index in self._merged:
+                return F.linear(x, self._merged[index], self.base_layer.bias)
+            return self.base_layer(x) + self.delta(x, index)
+        out = self.base_layer(x)
+        for d in self._state.depths_present:
+            if d > 0:
+                out = out + (depth == d).unsqueeze(-1).to(x.dtype) * self.delta(x, self.adapter_index(d))
+        return out
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Precompute W + scaling * B @ A per adapter: one matmul per depth >= 1 at inference.
+
+        Costs one extra weight copy per adapter; gradients no longer reach the adapters.
+        """
+        w = self.base_layer.weight
+        self._merged = {i: w + self.scaling * (b @ a) for i, (a, b) in enumerate(zip(self.lora_A, self.lora_B, strict=True))}
+
+    def unmerge(self) -> None:
+        self._merged = {}
+
+
+def target_linears(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Linear]]:
+    """The (path, module) of every nn.Linear whose last name is in `targets` ("all-linear" = every
+    linear except the output embedding)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    everything = "all-linear" in targets
+    found = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not output:
+            if everything or path.rsplit(".", 1)[-1] in targets:
+                found.append((path, module))
+    return found
+
+
+def add_depth_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float,
+                   num_adapters: int, state: DepthState) -> dict[str, DepthLoRALinear]:
+    """Replace the target linears of `model` in place; returns {module path: DepthLoRALinear}."""
+    found = target_linears(model, targets)
+    if not found:
+        raise ConfigError(
+            f"lora_target_modules {targets} match no nn.Linear in {type(model).__name__}; "
+            "use names such as q_proj, v_proj, or 'all-linear'"
+        )
+    wrapped = {}
+    for path, linear in found:
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        wrapped[path] = DepthLoRALinear(linear, rank, alpha, dropout, num_adapters, state)
+        setattr(parent, name, wrapped[path])
+    return wrapped
+
+
+@contextmanager
+def plain_linears(model: nn.Module, wrapped: dict[str, DepthLoRALinear]) -> Iterator[nn.Module]:
+    """Temporarily put the original linears back, so `model` saves and loads as plain HF."""
+    for path, module in wrapped.items():
+        parent_path, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, name, module.base_layer)
+    try:
+        yield model
+    finally:
+        for path, module in wrapped.items():
+            parent_path, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, name, module)

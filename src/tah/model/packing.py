@@ -1,0 +1,57 @@
+"""Packing the tokens that continue to a deeper pass into a dense (B, A) block, and back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Packing:
+    """Token (rows[i], cols[i]) of the (B, T) input sits at (rows[i], rank[i]) of the (B, A) block.
+
+    Tokens keep their order within a row; rows with fewer tokens are padded on the right.
+    """
+
+    rows: torch.Tensor  # (N,)
+    cols: torch.Tensor  # (N,)
+    rank: torch.Tensor  # (N,)
+    batch: int
+    width: int  # A
+    full: bool  # every token of the (B, T) input, in place: packing is the identity
+
+    @classmethod
+    def everything(cls, batch: int, length: int, device: torch.device) -> Packing:
+        rows = torch.arange(batch, device=device).repeat_interleave(length)
+        cols = torch.arange(length, device=device).repeat(batch)
+        return cls(rows, cols, cols, batch, length, True)
+
+    @classmethod
+    def select(cls, rows: torch.Tensor, cols: torch.Tensor, batch: int) -> Packing:
+        """rows/cols in row-major order (as `nonzero` and boolean selection return them)."""
+        counts = torch.bincount(rows, minlength=batch)
+        starts = counts.cumsum(0) - counts
+        rank = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+        return cls(rows, cols, rank, batch, int(counts.max()) if rows.numel() else 0, False)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...)."""
+        return x.flatten(0, 1) if self.full else x[self.rows, self.cols]
+
+    def pack(self, flat: torch.Tensor, fill: float | int = 0) -> torch.Tensor:
+        """(N, ...) -> (B, A, ...), `fill` where a row has no token."""
+        if self.full:
+            return flat.unflatten(0, (self.batch, self.width))
+        out = flat.new_full((self.batch, self.width, *flat.shape[1:]), fill)
+        return out.index_put((self.rows, self.rank), flat)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """(B, A, ...) -> (N, ...)."""
+        return packed.flatten(0, 1) if self.full else packed[self.rows, self.rank]
+
+    def scatter(self, dest: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """A copy of (B, T, ...) `dest` with the packed tokens replaced by `flat` (autograd-safe)."""
+        if self.full:
+            return flat.unflatten(0, dest.shape[:2])
+        return dest.index_put((self.rows, self.cols), flat)

@@ -1,0 +1,223 @@
+"""`TaHForCausalLM`: the depth loop around a Hugging Face causal LM.
+
+One code path serves training, prefill and decoding:
+
+    ids -> embed -> depth-0 pass (all tokens, no adapter) -> logits, hidden
+        -> decider (or oracle iter_labels) -> tokens that continue
+        -> soft input from their accumulated logits -> depth-1 pass (those tokens only, adapter 1)
+        -> accumulated logits += depth-1 logits -> decider ... until max_iter or nobody continues
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from tah.config import TaHConfig
+from tah.errors import ConfigError, InputError
+from tah.model.cache import TaHCache
+from tah.model.decider import Decider, MLPDecider, build_decider
+from tah.model.lora import DepthLoRALinear, DepthState, add_depth_lora
+from tah.model.packing import Packing
+from tah.model.soft_input import soft_embedding
+
+
+@dataclass
+class TaHOutput(ModelOutput):
+    """loss: scalar or None; logits: (B, T, V) final accumulated logits; iter_count: (B, T) passes
+    per token (1..max_iter); past_key_values: the `TaHCache` when use_cache."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    iter_count: torch.Tensor | None = None
+    past_key_values: TaHCache | None = None
+
+
+class TaHForCausalLM(nn.Module):
+    """A Think-at-Hard model wrapping a loaded HF decoder-only causal LM (`self.lm`)."""
+
+    def __init__(self, lm: nn.Module, config: TaHConfig) -> None:
+        super().__init__()
+        text_config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+        if "sliding_attention" in (getattr(text_config, "layer_types", None) or []):
+            raise ConfigError(
+                f"{type(lm).__name__} uses sliding-window attention layers, which the duo-causal attention "
+                "does not implement yet; use a model with full attention (e.g. Qwen3, Llama)"
+            )
+        self.lm = lm
+        self.tah_config = config
+        self.num_layers = text_config.num_hidden_layers
+        self.max_positions = getattr(text_config, "max_position_embeddings", None)
+        self.depth_state = DepthState()
+        self.lora: dict[str, DepthLoRALinear] = {}
+        if config.max_iter > 1:
+            adapters = config.max_iter - 1 if config.lora_per_depth else 1
+            self.lora = add_depth_lora(lm, config.lora_target_modules, config.lora_rank, config.lora_alpha,
+                                       config.lora_dropout, adapters, self.depth_state)
+        self.decider: Decider = build_decider(config, text_config.hidden_size, self.num_layers)
+        self.set_training_stage(config.training_stage)
+
+    @classmethod
+    def from_base(cls, lm: nn.Module, config: TaHConfig | None = None) -> TaHForCausalLM:
+        """Wrap an HF causal LM in place (its target linears become `DepthLoRALinear`s)."""
+        return cls(lm, config or TaHConfig())
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, **overrides) -> TaHForCausalLM:
+        """Load our layout or the original implementation's; `overrides` replace TaHConfig fields."""
+        from tah.model.checkpoint import load_pretrained
+        return load_pretrained(cls, path, dtype=dtype, **overrides)
+
+    def save_pretrained(self, path) -> None:
+        """Write safetensors + JSON atomically; the base model stays readable by AutoModelForCausalLM."""
+        from tah.model.checkpoint import save_pretrained
+        save_pretrained(self, path)
+
+    @property
+    def config(self):
+        """The wrapped model's HF config (what HF tooling expects under `.config`)."""
+        return self.lm.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
+
+    # -- settings ------------------------------------------------------------------------------
+    def set_threshold(self, threshold: float) -> None:
+        """Change the MLP decider's continue threshold (probability in [0, 1]) at inference time."""
+        self.tah_config = self.tah_config.replace(threshold=threshold)
+        if isinstance(self.decider, MLPDecider):
+            self.decider.threshold = threshold
+
+    def set_training_stage(self, stage: int) -> None:
+        """Stage 1: base + LoRA train, the decider is frozen. Stage 2: only the decider trains."""
+        self.tah_config = self.tah_config.replace(training_stage=stage)
+        for p in self.lm.parameters():
+            p.requires_grad_(stage == 1)
+        for p in self.decider.parameters():
+            p.requires_grad_(stage == 2)
+
+    def merge_lora(self) -> None:
+        """Fold each adapter into a per-depth weight copy (inference only)."""
+        for module in self.lora.values():
+            module.merge()
+
+    def unmerge_lora(self) -> None:
+        for module in self.lora.values():
+            module.unmerge()
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, iter_labels: torch.Tensor | None = None,
+                past_key_values: TaHCache | None = None, use_cache: bool = False, **_: object) -> TaHOutput:
+        """input_ids (B, T); attention_mask (B, past + T) or (B, T), 1 = real token, any padding side;
+        labels (B, T), shifted inside as in HF; iter_labels (B, T) oracle pass counts (-100 = none):
+        when given they, not the decider, choose who iterates."""
+        batch, length = input_ids.shape
+        valid = self._valid_mask(input_ids, attention_mask)
+        self._check_labels(input_ids, labels, "labels")
+        self._check_labels(input_ids, iter_labels, "iter_labels")
+        cache = past_key_values if past_key_values is not None else TaHCache()
+        positions = cache.positions_for(valid)
+        self._check_positions(positions)
+        stage2 = self.tah_config.training_stage == 2 and iter_labels is not None
+        frozen = torch.no_grad() if stage2 else nullcontext()
+
+        with frozen:
+            embeds = self.lm.get_input_embeddings()(input_ids)
+        packing = Packing.everything(batch, length, input_ids.device)
+        iter_count = torch.ones_like(input_ids)
+        acc, inputs = None, embeds
+        bce_terms = []
+        for depth in range(self.tah_config.max_iter):
+            real = packing.pack(packing.gather(valid), fill=False)
+            pos = packing.pack(packing.gather(positions))
+            with frozen:
+                logits, hidden = self._pass(inputs, pos, real, depth, cache)
+                flat_acc = packing.unpack(logits) if acc is None else packing.gather(acc) + packing.unpack(logits)
+                acc = flat_acc.unflatten(0, (batch, length)) if acc is None else packing.scatter(acc, flat_acc)
+            if depth > 0:
+                iter_count = iter_count.index_put((packing.rows, packing.cols), torch.ones_like(packing.rows), accumulate=True)
+            if depth == self.tah_config.max_iter - 1:
+                break
+            labels_packed = None if iter_labels is None else packing.pack(packing.gather(iter_labels), fill=-100)
+            if stage2:
+                scores = self.decider.scores(packing.pack(flat_acc).detach(), tuple(
+                    h.detach() if h is not None else None for h in hidden))
+                bce_terms.append(self._bce_term(packing.unpack(scores), packing.gather(iter_labels),
+                                                packing.gather(valid), depth))
+            if iter_labels is not None:
+                go_on = labels_packed > depth + 1
+            else:
+                go_on, _ = self.decider(packing.pack(flat_acc), hidden, pos, depth)
+            go_on_flat = packing.unpack(go_on & real)
+            if not bool(go_on_flat.any()):
+                break
+            packing = Packing.select(packing.rows[go_on_flat], packing.cols[go_on_flat], batch)
+            with frozen:
+                soft = soft_embedding(flat_acc[go_on_flat], self.lm.get_input_embeddings().weight,
+                                      self.tah_config.input_topk)
+            inputs = packing.pack(soft)
+
+        loss = None
+        if stage2:
+            loss = self._bce_loss(bce_terms, acc)
+        elif labels is not None:
+            shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+            loss = F.cross_entropy(acc.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
+        return TaHOutput(loss=loss, logits=acc, iter_count=iter_count,
+                         past_key_values=cache if use_cache else None)
+
+    def _pass(self, inputs: torch.Tensor, positions: torch.Tensor, real: torch.Tensor, depth: int,
+              cache: TaHCache) -> tuple[torch.Tensor, tuple | None]:
+        """One pass of the base model over (B, A) queries at `depth`; returns logits, hidden states."""
+        self.depth_state.set(depth)
+        mask = cache.begin_pass(positions, depth, real, inputs.dtype)
+        wanted = list(self.decider.needs_hidden) if depth < self.tah_config.max_iter - 1 else []
+        out = self.lm(inputs_embeds=inputs, position_ids=positions, attention_mask=mask,
+                      past_key_values=cache, use_cache=True, output_hidden_states=wanted or False)
+        self.depth_state.set(0)
+        return out.logits, out.hidden_states
+
+    def _bce_term(self, scores, iter_labels, valid, depth) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = valid & (iter_labels != -100)
+        return scores[keep], (iter_labels[keep] > depth + 1).to(scores.dtype)
+
+    def _bce_loss(self, terms, acc) -> torch.Tensor:
+        scores = torch.cat([s for s, _ in terms]) if terms else acc.new_zeros(0)
+        targets = torch.cat([t for _, t in terms]) if terms else acc.new_zeros(0)
+        if scores.numel() == 0:  # keeps the graph connected so every rank can step
+            return sum(p.sum() * 0.0 for p in self.decider.parameters())
+        weight = torch.tensor(self.tah_config.pos_weight, device=scores.device, dtype=torch.float32)
+        return F.binary_cross_entropy_with_logits(scores.float(), targets.float(), pos_weight=weight)
+
+    # -- input checks --------------------------------------------------------------------------
+    def _valid_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be (batch, length); got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            return torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != input_ids.shape[0] \
+                or attention_mask.shape[1] < input_ids.shape[1]:
+            raise InputError(
+                f"attention_mask must be (batch, past + length) = ({input_ids.shape[0]}, >= {input_ids.shape[1]}); "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        return attention_mask[:, -input_ids.shape[1]:].bool()
+
+    @staticmethod
+    def _check_labels(input_ids: torch.Tensor, labels: torch.Tensor | None, name: str) -> None:
+        if labels is not None and labels.shape != input_ids.shape:
+            raise InputError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}; got {tuple(labels.shape)}")
+
+    def _check_positions(self, positions: torch.Tensor) -> None:
+        if self.max_positions is not None and positions.numel() and int(positions.max()) >= self.max_positions:
+            raise InputError(
+                f"sequence reaches position {int(positions.max())} but the model supports at most "
+                f"{self.max_positions} positions (max_position_embeddings); shorten the input or the generation"
+            )
