@@ -7,6 +7,8 @@ enforces `max_iter` and padding.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from torch import nn
 
@@ -88,7 +90,7 @@ class ClassifierBackbone(nn.Module):
         super().__init__()
         self.input_projection = nn.Linear(hidden_dims[0], hidden_dims[0])
         dims = hidden_dims + [hidden_dims[-1]]
-        self.blocks = nn.ModuleList(ClassifierBlock(a, b, expansion, dropout) for a, b in zip(dims, dims[1:]))
+        self.blocks = nn.ModuleList(ClassifierBlock(a, b, expansion, dropout) for a, b in pairwise(dims))
         self.output_layer = nn.Sequential(nn.LayerNorm(hidden_dims[-1]), nn.Linear(hidden_dims[-1], 1))
         for module in self.modules():
             if isinstance(module, nn.Linear):
