@@ -63,6 +63,6 @@ def left_padded(lengths: list[int], vocab: int = 64, seed: int = 0) -> tuple[tor
     return ids, mask
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def upstream_dir() -> Path:
     return UPSTREAM
