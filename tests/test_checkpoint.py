@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import UPSTREAM, tiny_lm, tiny_tah
+from conftest import UPSTREAM, randomize_lora, tiny_lm, tiny_tah
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import tah.model.checkpoint as checkpoint
-from tah import CheckpointError, InputError, TaHError, TaHForCausalLM
+from tah import CheckpointError, InputError, TaHConfig, TaHError, TaHForCausalLM
 
 UPSTREAM_CKPT = UPSTREAM / "checkpoint"
 
@@ -97,7 +97,10 @@ def test_round_trip_lora_per_depth(tmp_path):
 
 
 def test_round_trip_random_decider_keeps_rate_and_seed(tmp_path):
-    model = tiny_tah(decider="random", random_rate=0.5, seed=7)
+    # tiny_tah's own `seed` is the base model's; the decider's seed is a TaHConfig field
+    config = dict(max_iter=2, input_topk=8, lora_rank=4, lora_alpha=8.0, decider="random", random_rate=0.5, seed=7)
+    model = TaHForCausalLM.from_base(tiny_lm(seed=0), TaHConfig(**config)).eval()
+    randomize_lora(model)
     ids = ids_batch(length=16)
     counts = run(model, ids).iter_count
     assert counts.min() == 1 and counts.max() == 2

@@ -78,6 +78,8 @@ class TaHConfig:
         if self.training_stage not in (1, 2):
             raise ConfigError(f"training_stage must be 1 (LM + LoRA) or 2 (decider); got {self.training_stage!r}")
         _check_number(self, "pos_weight", low=0.0, low_open=True)
+        if self.training_stage == 2 and self.decider != "mlp":
+            raise ConfigError(f"training_stage 2 trains the MLP decider, so decider must be 'mlp'; got {self.decider!r}")
 
     def replace(self, **changes: Any) -> TaHConfig:
         """A validated copy with `changes` applied."""
