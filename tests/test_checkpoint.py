@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import UPSTREAM, randomize_lora, tiny_lm, tiny_tah
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import tah.model.checkpoint as checkpoint
+from conftest import UPSTREAM, randomize_lora, tiny_lm, tiny_tah
 from tah import CheckpointError, InputError, TaHConfig, TaHError, TaHForCausalLM
 
 UPSTREAM_CKPT = UPSTREAM / "checkpoint"
@@ -265,7 +265,7 @@ def test_upstream_layout_maps_onto_our_config_and_reads_the_pickle_safely(monkey
     monkeypatch.undo()
 
     assert calls, "iter_decider.bin was not read with torch.load"
-    for args, kwargs in calls:
+    for _args, kwargs in calls:
         assert kwargs.get("weights_only") is True, f"torch.load called without weights_only=True: {kwargs}"
     assert any(str(args[0] if args else kwargs.get("f")).endswith("iter_decider.bin") for args, kwargs in calls)
 

@@ -151,7 +151,7 @@ def test_stage2_loss_is_weighted_bce_of_depth0_decider_scores():
     torch.testing.assert_close(out.loss.detach(), expected, atol=1e-5, rtol=1e-5)
     # pos_weight matters: the unweighted BCE is a different number.
     unweighted = F.binary_cross_entropy_with_logits(scores[keep], targets)
-    assert abs(float(unweighted) - float(out.loss)) > 1e-3
+    assert abs(unweighted.item() - out.loss.item()) > 1e-3
 
 
 def test_stage2_training_lowers_the_bce():

@@ -35,8 +35,10 @@ class TaHCache:
         return (before[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
 
     def begin_pass(self, positions: torch.Tensor, depth: int | torch.Tensor, real: torch.Tensor,
-                   dtype: torch.dtype) -> torch.Tensor:
-        """Reserve slots for a pass of (B, A) queries; returns its (B, 1, A, S) additive mask.
+                   dtype: torch.dtype) -> torch.Tensor | None:
+        """Reserve slots for a pass of (B, A) queries; returns its (B, 1, A, S) additive mask, or None
+        when the pass is plain causal attention (depth 0, empty cache, no padding): then HF's fast
+        `is_causal` path runs.
 
         positions (B, A); depth int or (B, A); real (B, A) bool, False for padding queries.
         """
@@ -59,9 +61,10 @@ class TaHCache:
         self.valid[rows, slots] = real
         self._slots = slots
         self.fill = fill + n_real
-        shallow = (depth == 0) if isinstance(depth, int) else (depth == 0)
-        self.seen = self.seen + (real & shallow).sum(1)
+        self.seen = self.seen + (real & (depth == 0)).sum(1)
         S = self._length
+        if self._start == 0 and isinstance(depth, int) and depth == 0:
+            return None
         visible = duo_causal_visible(positions, depth, self.pos[:, :S], self.depth[:, :S], self.valid[:, :S])
         return additive_mask(visible, dtype)
 
@@ -111,6 +114,13 @@ class TaHCache:
             rows = torch.arange(b, device=states.device)[:, None]
             buffer[rows, :, self._slots] = states.transpose(1, 2)
         return buffer
+
+    # HF builds its own causal mask only on the fast path (empty cache, see begin_pass).
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self._length, 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.seen is None else int(self.seen.max())
