@@ -50,14 +50,24 @@ def save_pretrained(model, path: str | os.PathLike) -> None:
         raise
 
 
+def _backup_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}.previous")
+
+
 def _swap_in(staging: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
+    """Two renames; between them the previous checkpoint sits at `_backup_path` (see load_pretrained)."""
+    if not final.exists():
         os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    old = _backup_path(final)
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    try:
         os.replace(staging, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_adapters(model, root: Path) -> None:
@@ -88,7 +98,10 @@ def load_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = No
 
     root = Path(path)
     if not root.is_dir():
-        raise CheckpointError(f"checkpoint directory {root} does not exist")
+        backup = _backup_path(root)
+        hint = (f"; a save was interrupted, and the previous checkpoint is intact at {backup}: rename it to {root}"
+                if backup.is_dir() else "")
+        raise CheckpointError(f"checkpoint directory {root} does not exist{hint}")
     raw = _read_json(root / "tah_config.json")
     upstream = "iter_decider" in raw
     config, decider_state = _upstream_config(root, raw) if upstream else (TaHConfig.from_json(json.dumps(raw)), None)
