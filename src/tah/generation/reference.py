@@ -16,7 +16,8 @@ from tah.errors import InputError
 class GenerationOutput:
     sequences: torch.Tensor  # (B, prompt + new) token ids, left-padded prompts kept as given
     iter_counts: torch.Tensor  # (B, new) passes per generated token; 0 after a row finished
-    prompt_iter_counts: torch.Tensor  # (B, prompt) passes per prompt token
+    prompt_iter_counts: torch.Tensor | None = None  # (B, prompt) passes per prompt token
+    stats: object | None = None  # DecodeStats of the engine (forwards, drafts, time)
 
 
 @torch.no_grad()

@@ -122,6 +122,19 @@ class TaHCache:
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self._length, 0
 
+    @property
+    def last_slots(self) -> torch.Tensor:
+        """(B, A) the slot each query of the last pass wrote."""
+        return self._slots
+
+    def invalidate(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """Drop entries (rolled-back drafts): nobody sees them again; a row's last slot is reclaimed."""
+        shallow = ((self.depth[rows, slots] == 0) & self.valid[rows, slots]).long()
+        self.seen = self.seen.index_put((rows,), -shallow, accumulate=True)
+        self.valid[rows, slots] = False
+        last = slots == self.fill[rows] - 1
+        self.fill = self.fill.index_put((rows[last],), -torch.ones_like(slots[last]), accumulate=True)
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.seen is None else int(self.seen.max())
 

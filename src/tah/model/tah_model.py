@@ -138,7 +138,8 @@ class TaHForCausalLM(nn.Module):
             real = packing.pack(packing.gather(valid), fill=False)
             pos = packing.pack(packing.gather(positions))
             with frozen:
-                logits, hidden = self._pass(inputs, pos, real, depth, cache)
+                logits, hidden = self.run_pass(inputs, pos, real, depth, cache,
+                                               need_hidden=depth < self.tah_config.max_iter - 1)
                 flat_acc = packing.unpack(logits) if acc is None else packing.gather(acc) + packing.unpack(logits)
                 acc = flat_acc.unflatten(0, (batch, length)) if acc is None else packing.scatter(acc, flat_acc)
             if depth > 0:
@@ -173,12 +174,15 @@ class TaHForCausalLM(nn.Module):
         return TaHOutput(loss=loss, logits=acc, iter_count=iter_count,
                          past_key_values=cache if use_cache else None)
 
-    def _pass(self, inputs: torch.Tensor, positions: torch.Tensor, real: torch.Tensor, depth: int,
-              cache: TaHCache) -> tuple[torch.Tensor, tuple | None]:
-        """One pass of the base model over (B, A) queries at `depth`; returns logits, hidden states."""
+    def run_pass(self, inputs: torch.Tensor, positions: torch.Tensor, real: torch.Tensor,
+                 depth: int | torch.Tensor, cache: TaHCache, need_hidden: bool) -> tuple[torch.Tensor, tuple | None]:
+        """One forward of the base model over (B, A) queries: inputs (B, A, H) embeddings, positions
+        (B, A), real (B, A) bool (False = padding), depth an int or a (B, A) tensor (queries of one
+        forward may sit at different depths). Returns logits (B, A, V) and HF's hidden_states tuple
+        (only the decider's layers filled) when `need_hidden`."""
         self.depth_state.set(depth)
         mask = cache.begin_pass(positions, depth, real, inputs.dtype)
-        wanted = list(self.decider.needs_hidden) if depth < self.tah_config.max_iter - 1 else []
+        wanted = list(self.decider.needs_hidden) if need_hidden else []
         out = self.lm(inputs_embeds=inputs, position_ids=positions, attention_mask=mask,
                       past_key_values=cache, use_cache=True, output_hidden_states=wanted or False)
         self.depth_state.set(0)

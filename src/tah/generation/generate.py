@@ -1,0 +1,109 @@
+"""`tah.generate`: the public decoding call (checks its arguments, then runs the Decoder)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tah.errors import InputError
+from tah.generation.engine import Decoder
+from tah.generation.reference import GenerationOutput
+from tah.generation.sampling import Sampler
+from tah.model.decider import OracleDecider
+
+
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             min_p: float = 0.0, eos_token_id: int | Sequence[int] | None = None,
+             stop_strings: str | Sequence[str] | None = None, tokenizer=None, seed: int | None = None,
+             streamer=None, fused: bool = True, cache_capacity: int | None = None) -> GenerationOutput:
+    """Decode a batch of left-padded prompts with a TaHForCausalLM.
+
+    input_ids (B, T) and attention_mask (B, T) (1 = real token; padding on the left). Returns
+    `sequences` (B, T + new) and `iter_counts` (B, new): passes per generated token (those of the
+    position that predicted it), 0 after a row finished. A row stops at EOS, a stop string or
+    max_new_tokens; the others go on. `fused=False` turns off fused latent iteration (same tokens
+    when greedy, same distribution when sampling). Raises `InputError` on bad arguments.
+    """
+    input_ids, attention_mask = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
+    sampler = Sampler(do_sample, temperature, top_k, top_p, min_p, _generator(seed, input_ids.device))
+    if isinstance(model.decider, OracleDecider):
+        raise InputError("decider 'oracle' needs the true next tokens, so it cannot generate; "
+                         "load the model with decider='mlp', 'random', 'always' or 'never'")
+    eos_ids = _eos_set(eos_token_id)
+    stop = _stop_checker(stop_strings, tokenizer)
+    if streamer is not None:
+        if input_ids.shape[0] != 1:
+            raise InputError("a streamer can follow one prompt only; pass a batch of 1 or no streamer")
+        streamer.put(input_ids.cpu())
+    capacity = cache_capacity or input_ids.shape[1] + max_new_tokens + max_new_tokens // 8 + 16
+    decoder = Decoder(model, sampler, max_new_tokens=max_new_tokens, eos_ids=eos_ids, fused=fused,
+                      stop=stop, streamer=streamer)
+    was_training = model.training
+    model.eval()
+    try:
+        return decoder.run(input_ids, attention_mask, capacity)
+    finally:
+        model.train(was_training)
+
+
+def _check_prompt(model, input_ids, attention_mask, max_new_tokens):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise InputError("input_ids must be a (batch, length) tensor of token ids")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise InputError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}; "
+                         f"got {tuple(attention_mask.shape)}")
+    lengths = attention_mask.long().sum(1)
+    if input_ids.numel() == 0 or bool((lengths == 0).any()):
+        raise InputError("the prompt is empty: every row needs at least one token (e.g. a BOS token)")
+    if not bool(attention_mask[:, -1].all()):
+        raise InputError("prompts must be left-padded for generation (the last column all real tokens); "
+                         "set tokenizer.padding_side = 'left'")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+    limit = model.max_positions
+    if limit is not None and int(lengths.max()) + max_new_tokens > limit:
+        raise InputError(
+            f"prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"{limit} positions (max_position_embeddings); shorten the prompt or lower max_new_tokens"
+        )
+    return input_ids, attention_mask.long()
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _eos_set(eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, int):
+        return {eos_token_id}
+    if isinstance(eos_token_id, Sequence) and all(isinstance(i, int) for i in eos_token_id):
+        return set(eos_token_id)
+    raise InputError(f"eos_token_id must be an int or a list of ints; got {eos_token_id!r}")
+
+
+def _stop_checker(stop_strings, tokenizer):
+    """A function tokens -> bool that says whether the text now contains a stop string."""
+    if stop_strings is None:
+        return None
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if not isinstance(stop_strings, list | tuple) or not stop_strings or \
+            not all(isinstance(s, str) and s for s in stop_strings):
+        raise InputError(f"stop_strings must be a non-empty string or a list of them; got {stop_strings!r}")
+    if tokenizer is None:
+        raise InputError("stop_strings need a tokenizer to read the text: pass tokenizer=...")
+    window = max(len(s) for s in stop_strings) + 1  # every token is at least one character
+
+    def stopped(tokens: list[int]) -> bool:
+        text = tokenizer.decode(tokens[-window:])
+        return any(s in text for s in stop_strings)
+
+    return stopped

@@ -1,0 +1,76 @@
+"""Turning logits into tokens: greedy, sampling with temperature / top-k / top-p / min-p, and the
+speculative acceptance rule that keeps fused decoding exact."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tah.errors import InputError
+
+
+@dataclass
+class Sampler:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, int | float) or self.temperature < 0:
+            raise InputError(f"temperature must be >= 0 (0 = greedy); got {self.temperature!r}")
+        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1] (1 = off); got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InputError(f"top_k must be an integer >= 0 (0 = off); got {self.top_k!r}")
+        if not isinstance(self.min_p, int | float) or not 0 <= self.min_p < 1:
+            raise InputError(f"min_p must be in [0, 1) (0 = off); got {self.min_p!r}")
+        self.greedy = not self.do_sample or self.temperature == 0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, V) logits -> (N, V) float32 distribution after temperature, top-k, top-p and min-p."""
+        scores = logits.float() / max(self.temperature, 1e-6)
+        if self.top_k > 0:
+            kth = torch.topk(scores, min(self.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if self.top_p < 1:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p  # keep the token that crosses top_p
+            probs = probs.masked_fill(outside.scatter(-1, order, outside), 0)
+        if self.min_p > 0:
+            probs = probs.masked_fill(probs < self.min_p * probs.amax(-1, keepdim=True), 0)
+        return probs / probs.sum(-1, keepdim=True)
+
+    def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, V) logits -> (N,) tokens and the (N, V) distribution they were drawn from (None if greedy)."""
+        if self.greedy:
+            return logits.argmax(-1), None
+        probs = self.probs(logits)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0], probs
+
+    def accept(self, target_logits: torch.Tensor, drafts: torch.Tensor,
+               draft_probs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Speculative acceptance of drafted tokens against the target distribution.
+
+        Greedy: keep the draft iff it is the target's argmax. Sampling: keep it with probability
+        min(1, p(x)/q(x)), else draw from normalise(max(0, p - q)); the result is distributed exactly
+        as p. Returns (accepted (N,) bool, tokens (N,)).
+        """
+        if self.greedy:
+            tokens = target_logits.argmax(-1)
+            return tokens == drafts, tokens
+        p = self.probs(target_logits)
+        q = draft_probs
+        p_x = p.gather(-1, drafts[:, None])[:, 0]
+        q_x = q.gather(-1, drafts[:, None])[:, 0]
+        u = torch.rand(drafts.shape, generator=self.generator, device=p.device)
+        accepted = u * q_x < p_x  # u < p/q without dividing by a tiny q
+        residual = (p - q).clamp(min=0)
+        mass = residual.sum(-1, keepdim=True)
+        residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)  # p == q: never rejected anyway
+        resampled = torch.multinomial(residual, 1, generator=self.generator)[:, 0]
+        return accepted, torch.where(accepted, drafts, resampled)
