@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from conftest import left_padded, tiny_tah
 
+from conftest import left_padded, tiny_tah
 from tah.model.lora import DepthLoRALinear
 
 MAX_ITER = 2

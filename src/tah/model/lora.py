@@ -110,9 +110,11 @@ def add_depth_lora(model: nn.Module, targets: list[str], rank: int, alpha: float
                    num_adapters: int, state: DepthState) -> dict[str, DepthLoRALinear]:
     """Replace the target linears of `model` in place; returns {module path: DepthLoRALinear}."""
     found = target_linears(model, targets)
-    if not found:
+    matched = {path.rsplit(".", 1)[-1] for path, _ in found}
+    missing = sorted(set(targets) - matched - {"all-linear"})
+    if not found or missing:
         raise ConfigError(
-            f"lora_target_modules {targets} match no nn.Linear in {type(model).__name__}; "
+            f"lora_target_modules {missing or targets} match no nn.Linear in {type(model).__name__}; "
             "use names such as q_proj, v_proj, or 'all-linear'"
         )
     wrapped = {}
