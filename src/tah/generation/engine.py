@@ -41,6 +41,8 @@ class DecodeStats:
     drafts_accepted: int = 0
     seconds: float = 0.0
     prefill_seconds: float = 0.0
+    kv_entries: int = 0  # KV entries per layer the cache held at the end, summed over rows
+    kv_bytes: int = 0  # bytes the cache allocated
 
     @property
     def acceptance(self) -> float:
@@ -102,6 +104,7 @@ class Decoder:
         while not all(row.done for row in self.rows):
             self._step()
         self.stats.seconds = time.perf_counter() - started
+        self.stats.kv_entries, self.stats.kv_bytes = int(self.cache.entries().sum()), self.cache.nbytes()
         if self.streamer is not None:
             self.streamer.end()
         return self._output(input_ids)

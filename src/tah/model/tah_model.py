@@ -202,8 +202,8 @@ class TaHForCausalLM(nn.Module):
 
     # -- input checks --------------------------------------------------------------------------
     def _valid_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        if input_ids.dim() != 2:
-            raise InputError(f"input_ids must be (batch, length); got shape {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise InputError(f"input_ids must be a non-empty (batch, length) tensor; got shape {tuple(input_ids.shape)}")
         if attention_mask is None:
             return torch.ones_like(input_ids, dtype=torch.bool)
         if attention_mask.dim() != 2 or attention_mask.shape[0] != input_ids.shape[0] \

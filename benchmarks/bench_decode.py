@@ -1,0 +1,109 @@
+"""Decode speed of TaH vs the same engine at one pass vs HF `generate` on the bare base model.
+
+A random-init Qwen3 of ~41M parameters (vocab 32000, hidden 512, 8 layers, 8 heads / 4 KV heads,
+head_dim 64, MLP 1536, tied embeddings), float32, 2 threads; greedy; the `random` decider makes a
+chosen share of tokens iterate (max_iter 2). Every figure is a ratio measured in this one run
+(median of --repeats runs). Usage: python benchmarks/bench_decode.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from tah import TaHConfig, TaHForCausalLM
+from tah.generation import generate
+
+
+def base_model(seed: int = 0) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True,
+                         max_position_embeddings=4096, pad_token_id=0, eos_token_id=None, bos_token_id=None)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def tah_model(lm, rate: float) -> TaHForCausalLM:
+    config = TaHConfig(max_iter=2, decider="random" if rate > 0 else "never", random_rate=rate, seed=0,
+                       lora_rank=16, lora_alpha=32.0)
+    model = TaHForCausalLM.from_base(lm, config).eval()
+    with torch.no_grad():
+        for module in model.lora.values():
+            for b in module.lora_B:
+                b.normal_(0, 0.01)  # a trained-looking adapter: small, not zero
+    return model
+
+
+def median_time(fn, repeats: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def kv_entry_bytes(lm) -> int:
+    c = lm.config
+    return c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[64, 2048])
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 1.0])
+    parser.add_argument("--quick", action="store_true", help="64 new tokens, 1 repeat, batch 1, context 64")
+    args = parser.parse_args()
+    if args.quick:
+        args.new_tokens, args.repeats, args.batches, args.contexts = 64, 1, [1], [64]
+    torch.set_num_threads(2)
+    console = Console()
+    bare = base_model()
+    models = {rate: tah_model(copy.deepcopy(bare), rate) for rate in [0.0, *args.rates]}
+    table = Table(title=f"decode: {args.new_tokens} new tokens, greedy, float32, 2 threads, median of {args.repeats}")
+    for col in ("batch", "context", "engine", "tokens/s", "vs never", "never vs HF", "iterated", "KV vs base",
+                "draft accept"):
+        table.add_column(col, justify="right")
+    gen = torch.Generator().manual_seed(0)
+    for batch in args.batches:
+        for context in args.contexts:
+            ids = torch.randint(3, 32000, (batch, context), generator=gen)
+            new = args.new_tokens
+            hf_time, _ = median_time(lambda: bare.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                                           max_new_tokens=new, min_new_tokens=new, pad_token_id=0),
+                                     args.repeats)
+            never_time = None
+            for rate in [0.0, *args.rates]:
+                label = "never" if rate == 0.0 and never_time is None else f"TaH {rate:.0%}"
+                seconds, out = median_time(lambda m=models[rate]: generate(m, ids, max_new_tokens=new), args.repeats)
+                if never_time is None:
+                    never_time = seconds
+                stats = out.stats
+                iterated = (out.iter_counts > 1).float().mean().item()
+                table.add_row(str(batch), str(context), label, f"{batch * new / seconds:.1f}",
+                              f"{never_time / seconds:.3f}", f"{hf_time / never_time:.3f}" if label == "never" else "",
+                              f"{iterated:.1%}", f"{kv_ratio(out, batch, context, new):.3f}",
+                              f"{stats.acceptance:.1%}" if stats.drafts else "-")
+            table.add_row(str(batch), str(context), "HF generate (bare)", f"{batch * new / hf_time:.1f}", "", "",
+                          "", "1.000", "")
+    console.print(table)
+
+
+def kv_ratio(out, batch: int, context: int, new: int) -> float:
+    """KV entries TaH kept vs the base model's (one per token), from the engine's cache."""
+    entries = out.stats.kv_entries
+    return entries / (batch * (context + new))
+
+
+if __name__ == "__main__":
+    main()

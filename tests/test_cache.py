@@ -1,0 +1,202 @@
+"""The tagged KV cache: invisible to the outputs, one entry per (token, depth reached), grows by doubling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import left_padded, tiny_tah
+from tah.model.cache import TaHCache
+
+ATOL = 1e-4
+DECIDERS = [("random", dict(random_rate=0.5, seed=3)), ("mlp", dict(threshold=0.3))]
+
+
+def make(max_iter: int, decider: str, options: dict, weights_seed: int = 0):
+    """A tiny TaH model; options["seed"] is the random decider's seed (tiny_tah's `seed` sets the weights)."""
+    options = dict(options)
+    decider_seed = options.pop("seed", 0)
+    model = tiny_tah(seed=weights_seed, max_iter=max_iter, decider=decider, **options)
+    if decider == "random":
+        model.tah_config = model.tah_config.replace(seed=decider_seed)
+        model.decider.seed = decider_seed
+    if decider == "mlp":
+        model.set_threshold(options["threshold"])
+    return model
+
+
+def run_steps(model, ids, mask, prompt: int, cache=None):
+    """Prefill ids[:, :prompt], then one token per step with the growing mask; outputs concatenated."""
+    out = model(ids[:, :prompt], attention_mask=mask[:, :prompt], past_key_values=cache, use_cache=True)
+    cache, logits, iters = out.past_key_values, [out.logits], [out.iter_count]
+    for t in range(prompt, ids.shape[1]):
+        out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
+        assert out.past_key_values is cache
+        logits.append(out.logits)
+        iters.append(out.iter_count)
+    return torch.cat(logits, 1), torch.cat(iters, 1), cache
+
+
+def passes(iter_count: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) total passes of the real tokens of each row."""
+    return (iter_count * mask.bool()).sum(1)
+
+
+# -- the cache is invisible ---------------------------------------------------------------------
+@pytest.mark.parametrize("max_iter", [2, 3])
+@pytest.mark.parametrize("decider,options", DECIDERS, ids=[d for d, _ in DECIDERS])
+@pytest.mark.parametrize("prompt", [1, 4])
+def test_one_prefill_equals_single_token_steps(max_iter, decider, options, prompt):
+    model = make(max_iter, decider, options)
+    ids, mask = left_padded([10, 6, 8], seed=5)
+    valid = mask.bool()
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=True)
+        logits, iters, cache = run_steps(model, ids, mask, prompt)
+
+    counts = full.iter_count[valid]
+    assert (counts == 1).any() and (counts > 1).any(), f"the decider should send a mix deeper: {counts.tolist()}"
+    assert torch.equal(iters[valid], full.iter_count[valid])
+    assert (logits[valid] - full.logits[valid]).abs().max() <= ATOL
+    assert torch.isfinite(logits).all()
+    # Both caches hold the same entries per row, whichever way they were filled.
+    assert torch.equal(cache.entries(), full.past_key_values.entries())
+
+
+def test_steps_after_a_prefill_equal_a_longer_prefill():
+    """Decoding continues a prompt exactly as if the whole text had been prefilled (max_iter 3)."""
+    model = make(3, "random", dict(random_rate=0.5, seed=11))
+    ids, mask = left_padded([12, 9], seed=2)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        logits, iters, _ = run_steps(model, ids, mask, prompt=7)
+    valid = mask.bool()
+    assert (full.iter_count[valid] == 3).any()
+    assert torch.equal(iters[valid], full.iter_count[valid])
+    assert (logits[valid] - full.logits[valid]).abs().max() <= ATOL
+
+
+# -- memory: one entry per (token, depth it reached) --------------------------------------------
+def test_entries_after_prefill_are_tokens_plus_extra_passes():
+    model = make(2, "random", dict(random_rate=0.5, seed=1))
+    n = 16
+    ids, mask = left_padded([n], seed=0)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+    k = int((out.iter_count > 1).sum())
+    assert 0 < k < n
+    entries = out.past_key_values.entries()
+    assert entries.tolist() == [n + k]
+    assert entries.tolist() != [2 * n]
+
+
+@pytest.mark.parametrize("decider,options", DECIDERS, ids=[d for d, _ in DECIDERS])
+def test_entries_equal_total_passes_max_iter_3(decider, options):
+    model = make(3, decider, options)
+    ids, mask = left_padded([14], seed=4)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+    assert (out.iter_count > 1).any() and (out.iter_count < 3).any()
+    assert out.past_key_values.entries().tolist() == [int(out.iter_count.sum())]
+
+
+@pytest.mark.parametrize("max_iter", [2, 3])
+def test_left_padded_rows_hold_their_valid_tokens_plus_extra_passes(max_iter):
+    model = make(max_iter, "random", dict(random_rate=0.5, seed=2))
+    lengths = [9, 4, 0, 7]
+    ids, mask = left_padded(lengths, seed=8)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+    cache = out.past_key_values
+    total = passes(out.iter_count, mask)
+    assert torch.equal(cache.entries(), total)
+    assert cache.entries()[2] == 0  # an all-padding row holds nothing
+    extra = total - torch.tensor(lengths)
+    assert (extra >= 0).all() and extra.sum() > 0
+
+    # Decode more steps (padding for the empty row on some of them): entries keep equal to the passes.
+    gen = torch.Generator().manual_seed(1)
+    seen_ids, seen_mask, seen_iters = ids, mask, out.iter_count
+    for step in range(5):
+        new_ids = torch.randint(3, 64, (len(lengths), 1), generator=gen)
+        new_mask = torch.ones(len(lengths), 1, dtype=torch.long)
+        if step % 2 == 0:
+            new_mask[2] = 0
+        seen_ids, seen_mask = torch.cat([seen_ids, new_ids], 1), torch.cat([seen_mask, new_mask], 1)
+        with torch.no_grad():
+            step_out = model(new_ids, attention_mask=seen_mask, past_key_values=cache, use_cache=True)
+        seen_iters = torch.cat([seen_iters, step_out.iter_count], 1)
+        assert torch.equal(cache.entries(), passes(seen_iters, seen_mask)), f"after step {step}"
+
+    # And the tokens decoded one by one got what one prefill of everything would give them.
+    with torch.no_grad():
+        full = model(seen_ids, attention_mask=seen_mask, use_cache=True)
+    valid = seen_mask.bool()
+    assert torch.equal(full.iter_count[valid], seen_iters[valid])
+    assert torch.equal(full.past_key_values.entries(), cache.entries())
+
+
+def test_depth_d_entries_exist_only_for_tokens_that_reached_depth_d():
+    """The live slots of each row are exactly its (token, depth) pairs: tags match the iteration counts."""
+    model = make(3, "random", dict(random_rate=0.6, seed=4))
+    ids, mask = left_padded([11, 5], seed=6)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+    cache = out.past_key_values
+    for b in range(ids.shape[0]):
+        fill = int(cache.entries()[b])
+        row_valid = mask[b].bool()
+        counts = out.iter_count[b, row_valid]
+        assert bool(cache.valid[b, :fill].all())
+        assert not bool(cache.valid[b, fill:].any())
+        tags = sorted(zip(cache.pos[b, :fill].tolist(), cache.depth[b, :fill].tolist(), strict=True))
+        want = sorted((p, d) for p, c in enumerate(counts.tolist()) for d in range(c))
+        assert tags == want
+
+
+# -- growth ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("capacity", [1, 4, 5])
+def test_cache_grows_by_doubling_without_changing_results(capacity):
+    model = make(3, "random", dict(random_rate=0.5, seed=9))
+    ids, mask = left_padded([13, 8], seed=7)
+    valid = mask.bool()
+    small = TaHCache(capacity=capacity)
+    history = [small.capacity]
+
+    with torch.no_grad():
+        ref_logits, ref_iters, ref_cache = run_steps(model, ids, mask, prompt=3)
+        out = model(ids[:, :3], attention_mask=mask[:, :3], past_key_values=small, use_cache=True)
+        logits, iters = [out.logits], [out.iter_count]
+        history.append(small.capacity)
+        for t in range(3, ids.shape[1]):
+            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=small, use_cache=True)
+            logits.append(out.logits)
+            iters.append(out.iter_count)
+            history.append(small.capacity)
+            assert int(small.entries().max()) <= small.capacity
+            assert all(k.shape[2] == small.capacity for k in small.keys + small.values)
+    logits, iters = torch.cat(logits, 1), torch.cat(iters, 1)
+
+    assert torch.equal(iters[valid], ref_iters[valid])
+    assert (logits[valid] - ref_logits[valid]).abs().max() <= ATOL
+    assert torch.equal(small.entries(), ref_cache.entries())
+    grown = [(a, b) for a, b in zip(history, history[1:], strict=False) if b != a]
+    assert len(grown) >= 2, history
+    assert all(b >= 2 * a for a, b in grown), f"capacity must at least double when it grows: {history}"
+    # Growth is rare: a handful of reallocations, not one per step.
+    assert len(grown) <= 6
+
+
+def test_growth_mid_pass_keeps_a_single_prefill_exact():
+    """A deep pass that crosses the capacity (depth-1 entries appended after the depth-0 ones)."""
+    model = make(2, "always", {})
+    ids, mask = left_padded([6, 3], seed=1)
+    valid = mask.bool()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, use_cache=True)
+        cache = TaHCache(capacity=6)  # depth 0 fits, depth 1 does not
+        out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    assert (out.iter_count[valid] == 2).all()
+    assert cache.capacity >= 12
+    assert torch.equal(cache.entries(), torch.tensor([12, 6]))
+    assert (out.logits[valid] - ref.logits[valid]).abs().max() <= ATOL
