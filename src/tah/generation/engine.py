@@ -86,7 +86,8 @@ class Decoder:
         started = time.perf_counter()
         batch = input_ids.shape[0]
         self.cache = TaHCache(capacity=capacity)
-        out = self.model(input_ids, attention_mask=attention_mask, past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids, attention_mask=attention_mask, past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=1)
         vocab = out.logits.shape[-1]
         device, dtype = out.logits.device, out.logits.dtype
         self.deep_acc = torch.zeros(batch, vocab, device=device, dtype=dtype)  # pending hard tokens

@@ -18,6 +18,7 @@ from tah.errors import ConfigError, InputError
 
 class Decider(nn.Module):
     needs_hidden: tuple[int, ...] = ()  # indices into HF's hidden_states the decider reads
+    reads_logits: bool = False  # False: it may decide before the pass runs (acc_logits=None)
 
     def forward(self, acc_logits: torch.Tensor, hidden_states: tuple | None, positions: torch.Tensor,
                 depth: int, iter_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -107,6 +108,8 @@ class ClassifierBackbone(nn.Module):
 class MLPDecider(Decider):
     """The paper's decider: hidden states of chosen layers + a projection of the top-k accumulated
     logits -> residual MLP -> sigmoid; continue iff the probability exceeds `threshold`."""
+
+    reads_logits = True
 
     def __init__(self, hidden_size: int, layers: list[int], hidden_dims: list[int], topk: int,
                  expansion: int, dropout: float, threshold: float) -> None:

@@ -114,10 +114,13 @@ class TaHForCausalLM(nn.Module):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, iter_labels: torch.Tensor | None = None,
-                past_key_values: TaHCache | None = None, use_cache: bool = False, **_: object) -> TaHOutput:
+                past_key_values: TaHCache | None = None, use_cache: bool = False, logits_to_keep: int = 0,
+                **_: object) -> TaHOutput:
         """input_ids (B, T); attention_mask (B, past + T) or (B, T), 1 = real token, any padding side;
         labels (B, T), shifted inside as in HF; iter_labels (B, T) oracle pass counts (-100 = none):
-        when given they, not the decider, choose who iterates."""
+        when given they, not the decider, choose who iterates. logits_to_keep = n > 0 returns the
+        logits of the last n positions only (B, n, V), and skips the LM head for tokens whose logits
+        nobody reads (when the decider does not read logits): what prefill for generation wants."""
         batch, length = input_ids.shape
         valid = self._valid_mask(input_ids, attention_mask)
         self._check_labels(input_ids, labels, "labels")
@@ -127,42 +130,55 @@ class TaHForCausalLM(nn.Module):
         self._check_positions(positions)
         stage2 = self.tah_config.training_stage == 2 and iter_labels is not None
         frozen = torch.no_grad() if stage2 else nullcontext()
+        max_iter = self.tah_config.max_iter
+        keep = logits_to_keep if 0 < logits_to_keep < length and labels is None and not stage2 else length
+        # Deciders that ignore logits decide before each pass; then only needed logits are computed.
+        early = iter_labels is not None or not self.decider.reads_logits
+        sparse = keep < length and early
 
         with frozen:
             embeds = self.lm.get_input_embeddings()(input_ids)
         packing = Packing.everything(batch, length, input_ids.device)
         iter_count = torch.ones_like(input_ids)
-        acc, inputs = None, embeds
+        acc, carry, inputs = None, None, embeds  # carry: accumulated logits of the packed tokens
         bce_terms = []
-        for depth in range(self.tah_config.max_iter):
+        for depth in range(max_iter):
             real = packing.pack(packing.gather(valid), fill=False)
             pos = packing.pack(packing.gather(positions))
+            labels_packed = None if iter_labels is None else packing.pack(packing.gather(iter_labels), fill=-100)
+            last = depth == max_iter - 1
+            go_on = None
+            if early and not last:
+                go_on = self._decide(None, None, pos, depth, labels_packed) & real
+            in_tail = packing.cols >= length - keep
+            need = in_tail | packing.unpack(go_on) if sparse and go_on is not None else in_tail if sparse else None
             with frozen:
-                logits, hidden = self.run_pass(inputs, pos, real, depth, cache,
-                                               need_hidden=depth < self.tah_config.max_iter - 1)
-                flat_acc = packing.unpack(logits) if acc is None else packing.gather(acc) + packing.unpack(logits)
-                acc = flat_acc.unflatten(0, (batch, length)) if acc is None else packing.scatter(acc, flat_acc)
+                logits, hidden = self.run_pass(inputs, pos, real, depth, cache, need_hidden=not last,
+                                               columns=None if need is None else packing.pack(need).any(0))
+                flat_logits = packing.unpack(logits) if need is None else self._needed_logits(logits, packing, need)
+                prev = 0 if carry is None else (carry if need is None else carry[need])
+                flat_acc = prev + flat_logits  # (N, V) or (N_need, V)
+                tail = in_tail if need is None else in_tail[need]
+                acc = self._write_tail(acc, flat_acc[tail], packing, tail if need is None else need & in_tail,
+                                       batch, keep, length)
             if depth > 0:
                 iter_count = iter_count.index_put((packing.rows, packing.cols), torch.ones_like(packing.rows), accumulate=True)
-            if depth == self.tah_config.max_iter - 1:
+            if last:
                 break
-            labels_packed = None if iter_labels is None else packing.pack(packing.gather(iter_labels), fill=-100)
             if stage2:
                 scores = self.decider.scores(packing.pack(flat_acc).detach(), tuple(
                     h.detach() if h is not None else None for h in hidden))
                 bce_terms.append(self._bce_term(packing.unpack(scores), packing.gather(iter_labels),
                                                 packing.gather(valid), depth))
-            if iter_labels is not None:
-                go_on = labels_packed > depth + 1
-            else:
-                go_on, _ = self.decider(packing.pack(flat_acc), hidden, pos, depth)
-            go_on_flat = packing.unpack(go_on & real)
+            if go_on is None:
+                go_on = self._decide(packing.pack(flat_acc), hidden, pos, depth, labels_packed) & real
+            go_on_flat = packing.unpack(go_on)
             if not bool(go_on_flat.any()):
                 break
+            carry = flat_acc[go_on_flat if need is None else go_on_flat[need]]
             packing = Packing.select(packing.rows[go_on_flat], packing.cols[go_on_flat], batch)
             with frozen:
-                soft = soft_embedding(flat_acc[go_on_flat], self.lm.get_input_embeddings().weight,
-                                      self.tah_config.input_topk)
+                soft = soft_embedding(carry, self.lm.get_input_embeddings().weight, self.tah_config.input_topk)
             inputs = packing.pack(soft)
 
         loss = None
@@ -174,17 +190,43 @@ class TaHForCausalLM(nn.Module):
         return TaHOutput(loss=loss, logits=acc, iter_count=iter_count,
                          past_key_values=cache if use_cache else None)
 
+    def _decide(self, acc_packed, hidden, pos, depth: int, labels_packed) -> torch.Tensor:
+        """(B, A) bool: which packed tokens run another pass (oracle labels win over the decider)."""
+        if labels_packed is not None:
+            return labels_packed > depth + 1
+        go_on, _ = self.decider(acc_packed, hidden, pos, depth)
+        return go_on
+
+    @staticmethod
+    def _needed_logits(logits: torch.Tensor, packing: Packing, need: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C, V) of the kept columns -> (N_need, V) for the needed packed tokens."""
+        kept = packing.pack(need).any(0)
+        column_of = kept.long().cumsum(0) - 1
+        return logits[packing.rows[need], column_of[packing.rank[need]]]
+
+    @staticmethod
+    def _write_tail(acc, values, packing: Packing, where: torch.Tensor, batch: int, keep: int, length: int):
+        """Put the accumulated logits of packed tokens `where` (the tail) into acc (B, keep, V)."""
+        if acc is None and packing.full and keep == length:
+            return values.unflatten(0, (batch, length))
+        if acc is None:
+            acc = values.new_zeros(batch, keep, values.shape[-1])
+        return acc.index_put((packing.rows[where], packing.cols[where] - (length - keep)), values)
+
     def run_pass(self, inputs: torch.Tensor, positions: torch.Tensor, real: torch.Tensor,
-                 depth: int | torch.Tensor, cache: TaHCache, need_hidden: bool) -> tuple[torch.Tensor, tuple | None]:
+                 depth: int | torch.Tensor, cache: TaHCache, need_hidden: bool,
+                 columns: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None]:
         """One forward of the base model over (B, A) queries: inputs (B, A, H) embeddings, positions
         (B, A), real (B, A) bool (False = padding), depth an int or a (B, A) tensor (queries of one
         forward may sit at different depths). Returns logits (B, A, V) and HF's hidden_states tuple
-        (only the decider's layers filled) when `need_hidden`."""
+        (only the decider's layers filled) when `need_hidden`. `columns` (A,) bool: compute logits
+        only for those query columns (B, C, V)."""
         self.depth_state.set(depth)
         mask = cache.begin_pass(positions, depth, real, inputs.dtype)
         wanted = list(self.decider.needs_hidden) if need_hidden else []
-        out = self.lm(inputs_embeds=inputs, position_ids=positions, attention_mask=mask,
-                      past_key_values=cache, use_cache=True, output_hidden_states=wanted or False)
+        keep = 0 if columns is None else columns.nonzero()[:, 0]
+        out = self.lm(inputs_embeds=inputs, position_ids=positions, attention_mask=mask, past_key_values=cache,
+                      use_cache=True, output_hidden_states=wanted or False, logits_to_keep=keep)
         self.depth_state.set(0)
         return out.logits, out.hidden_states
 
