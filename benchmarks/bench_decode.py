@@ -67,7 +67,7 @@ def main() -> None:
     if args.quick:
         args.new_tokens, args.repeats, args.batches, args.contexts = 64, 1, [1], [64]
     torch.set_num_threads(2)
-    console = Console()
+    console = Console(width=150)
     bare = base_model()
     models = {rate: tah_model(copy.deepcopy(bare), rate) for rate in [0.0, *args.rates]}
     table = Table(title=f"decode: {args.new_tokens} new tokens, greedy, float32, 2 threads, median of {args.repeats}")
@@ -84,7 +84,7 @@ def main() -> None:
                                      args.repeats)
             never_time = None
             for rate in [0.0, *args.rates]:
-                label = "never" if rate == 0.0 and never_time is None else f"TaH {rate:.0%}"
+                label = "never" if never_time is None else f"random {rate:.0%}"
                 seconds, out = median_time(lambda m=models[rate]: generate(m, ids, max_new_tokens=new), args.repeats)
                 if never_time is None:
                     never_time = seconds

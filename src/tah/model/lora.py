@@ -24,14 +24,15 @@ class DepthState:
 
     def __init__(self) -> None:
         self.depth: int | torch.Tensor = 0
-        self.depths_present: list[int] = [0]
+        self.depth_masks: dict[int, torch.Tensor] = {}  # depth d >= 1 -> (B, T, 1) float: token at d
 
     def set(self, depth: int | torch.Tensor) -> None:
         self.depth = depth
-        if isinstance(depth, int):
-            self.depths_present = [depth]
-        else:  # one sync per forward, not per layer
-            self.depths_present = sorted(int(d) for d in torch.unique(depth).tolist())
+        self.depth_masks = {}
+        if not isinstance(depth, int):  # built once per forward, shared by every layer
+            for d in sorted(int(d) for d in torch.unique(depth).tolist()):
+                if d > 0:
+                    self.depth_masks[d] = (depth == d).unsqueeze(-1)
 
 
 class DepthLoRALinear(nn.Module):
@@ -75,9 +76,10 @@ class DepthLoRALinear(nn.Module):
                 return F.linear(x, self._merged[index], self.base_layer.bias)
             return self.base_layer(x) + self.delta(x, index)
         out = self.base_layer(x)
-        for d in self._state.depths_present:
-            if d > 0:
-                out = out + (depth == d).unsqueeze(-1).to(x.dtype) * self.delta(x, self.adapter_index(d))
+        for d, mask in self._state.depth_masks.items():
+            index = self.adapter_index(d)
+            low_rank = F.linear(self.dropout(x), self.lora_A[index])
+            out = torch.addcmul(out, F.linear(low_rank, self.lora_B[index]), mask, value=self.scaling)
         return out
 
     @torch.no_grad()
