@@ -14,6 +14,41 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(seed=args.seed, max_new_tokens=args.max_new_tokens)
 
 
+def _generate(args: argparse.Namespace) -> None:
+    import time
+
+    from rich.console import Console
+    from transformers import AutoTokenizer
+
+    from tah.generation.generate import generate
+    from tah.generation.render import legend
+    from tah.generation.stream import DepthStreamer
+    from tah.model.tah_model import TaHForCausalLM
+
+    console = Console(highlight=False)
+    overrides = {} if args.threshold is None else {"threshold": args.threshold}
+    model = TaHForCausalLM.from_pretrained(args.model, **overrides).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    if args.chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    if args.show_depth:
+        console.print(legend(model.tah_config.max_iter))
+    streamer = DepthStreamer(tokenizer, console, show_depth=args.show_depth)
+    started = time.perf_counter()
+    out = generate(model, ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                   eos_token_id=tokenizer.eos_token_id, seed=args.seed, streamer=streamer, fused=not args.no_fused)
+    seconds = time.perf_counter() - started
+    counts = out.iter_counts[0]
+    produced = int((counts > 0).sum())
+    iterated = float((counts > 1).sum()) / max(produced, 1)
+    console.print(f"{produced} tokens, {produced / seconds:.1f} tokens/s, {iterated:.1%} of tokens iterated",
+                  style="dim")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tah", description="Think-at-Hard: iterate only on the hard tokens.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -21,6 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--max-new-tokens", type=int, default=48)
     demo.set_defaults(run=_demo)
+
+    gen = commands.add_parser("generate", help="generate text with a saved TaH model (our or the original layout)")
+    gen.add_argument("--model", required=True, help="checkpoint directory (with its tokenizer files)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--threshold", type=float, default=None, help="decider threshold (default: the checkpoint's)")
+    gen.add_argument("--no-fused", action="store_true", help="run each latent iteration in its own forward")
+    gen.add_argument("--show-depth", action="store_true", help="colour each token by its number of passes")
+    gen.set_defaults(run=_generate)
     return parser
 
 

@@ -267,8 +267,11 @@ class Decoder:
     def _emit(self, row: _Row, token: int, passes: int) -> None:
         row.tokens.append(token)
         row.passes.append(passes)
-        if self.streamer is not None:
-            self.streamer.put(torch.tensor([token]))
+        if self.streamer is not None:  # HF streamer protocol; ours also wants the pass count
+            if getattr(self.streamer, "wants_passes", False):
+                self.streamer.put(torch.tensor([token]), passes=passes)
+            else:
+                self.streamer.put(torch.tensor([token]))
         if token in self.eos_ids or len(row.tokens) >= self.max_new or (self.stop is not None and self.stop(row.tokens)):
             row.done = True
 

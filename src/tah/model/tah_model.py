@@ -78,6 +78,28 @@ class TaHForCausalLM(nn.Module):
         from tah.model.checkpoint import save_pretrained
         save_pretrained(self, path)
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 generation_config=None, streamer=None, **kwargs):
+        """HF-style `generate`: the usual arguments (max_new_tokens, do_sample, temperature, top_p,
+        top_k, min_p, eos_token_id, stop_strings, tokenizer, seed), or a `GenerationConfig`. Returns
+        the (B, prompt + new) sequences, or `tah.generate`'s output with return_dict_in_generate."""
+        from tah.generation.generate import generate
+
+        settings = {}
+        for key in ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p", "eos_token_id",
+                    "stop_strings"):
+            value = getattr(generation_config, key, None)
+            if value is not None:
+                settings[key] = value
+        as_dict = kwargs.pop("return_dict_in_generate", False)
+        for ignored in ("pad_token_id", "use_cache", "output_scores"):
+            kwargs.pop(ignored, None)
+        settings.update(kwargs)
+        settings.setdefault("max_new_tokens", 20)  # HF's default length
+        settings.setdefault("eos_token_id", getattr(getattr(self.lm, "generation_config", None), "eos_token_id", None))
+        out = generate(self, input_ids, attention_mask, streamer=streamer, **settings)
+        return out if as_dict else out.sequences
+
     @property
     def config(self):
         """The wrapped model's HF config (what HF tooling expects under `.config`)."""

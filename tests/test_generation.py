@@ -1,0 +1,197 @@
+"""tah.generate: equal to the plain loop (greedy), exact in distribution (sampling), clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import left_padded, randomize_lora, tiny_lm, tiny_tah
+from tah import InputError
+from tah.generation import Sampler, generate, generate_reference
+
+
+def strong_model(max_iter: int, decider: str = "random", rate: float = 0.5, **config):
+    """LoRA strong enough that deeper passes often change the argmax, so drafts get rejected too."""
+    model = tiny_tah(decider=decider, random_rate=rate, max_iter=max_iter, lora_per_depth=True, **config)
+    randomize_lora(model, std=2.0, seed=3)
+    return model
+
+
+@pytest.mark.parametrize("max_iter", [2, 3])
+@pytest.mark.parametrize("decider", ["random", "mlp"])
+def test_greedy_equals_the_reference_loop_fused_and_unfused(max_iter, decider):
+    model = strong_model(max_iter, decider)
+    model.set_threshold(0.4)
+    ids, mask = left_padded([5, 9, 3, 7], seed=1)
+    reference = generate_reference(model, ids, mask, max_new_tokens=24, eos_token_id=7)
+    assert (reference.iter_counts > 1).any() and (reference.iter_counts == 1).any()
+    stats = []
+    for fused in (True, False):
+        out = generate(model, ids, mask, max_new_tokens=24, eos_token_id=7, fused=fused)
+        assert torch.equal(out.sequences, reference.sequences), f"fused={fused}"
+        assert torch.equal(out.iter_counts, reference.iter_counts), f"fused={fused}"
+        stats.append(out.stats)
+    fused_stats, unfused_stats = stats
+    assert fused_stats.drafts > 0 and unfused_stats.drafts == 0
+    assert fused_stats.forwards < unfused_stats.forwards  # the point of fusing
+
+
+def test_rejected_drafts_are_rolled_back():
+    model = strong_model(2, rate=0.6)
+    ids, mask = left_padded([6, 4], seed=5)
+    reference = generate_reference(model, ids, mask, max_new_tokens=40)
+    out = generate(model, ids, mask, max_new_tokens=40)
+    assert out.stats.drafts > out.stats.drafts_accepted > 0  # both outcomes happened
+    assert torch.equal(out.sequences, reference.sequences)
+    # One KV entry per (token, depth reached); rolled-back drafts leave nothing behind. Every
+    # generated token but the last was fed; its passes are those of the token it predicted.
+    prompt_entries = int(reference.prompt_iter_counts[mask.bool()].sum())
+    assert out.stats.kv_entries == prompt_entries + int(out.iter_counts[:, 1:].sum())
+
+
+def test_eos_stops_one_row_while_others_continue():
+    model = strong_model(2)
+    ids, mask = left_padded([5, 8], seed=2)
+    free = generate(model, ids, mask, max_new_tokens=16)
+    new = free.sequences[:, ids.shape[1]:]
+    eos = next(int(t) for t in new[0, 2:] if int(t) not in new[1].tolist())
+    out = generate(model, ids, mask, max_new_tokens=16, eos_token_id=eos)
+    stop = new[0].tolist().index(eos)
+    assert out.iter_counts[0, stop] > 0 and torch.all(out.iter_counts[0, stop + 1:] == 0)
+    assert torch.all(out.sequences[0, ids.shape[1] + stop + 1:] == eos)  # padded with EOS
+    assert torch.all(out.iter_counts[1] > 0) and torch.equal(out.sequences[1], free.sequences[1])
+
+
+def test_never_decider_equals_hf_generate_on_the_bare_model():
+    bare = tiny_lm(seed=4)
+    model = tiny_tah(seed=4, decider="never")
+    ids, mask = left_padded([6, 9, 2], seed=3)
+    hf = bare.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                       pad_token_id=0)
+    out = generate(model, ids, mask, max_new_tokens=12)
+    assert torch.equal(out.sequences, hf)
+    assert torch.all(out.iter_counts == 1)
+
+
+def test_model_generate_is_the_same_call():
+    model = strong_model(2)
+    ids, mask = left_padded([4, 6], seed=8)
+    sequences = model.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
+    assert torch.equal(sequences, generate(model, ids, mask, max_new_tokens=10).sequences)
+
+
+def test_logits_to_keep_matches_the_full_forward():
+    for decider in ("random", "mlp"):
+        model = strong_model(3, decider)
+        model.set_threshold(0.4)
+        ids, mask = left_padded([5, 9, 3], seed=1)
+        with torch.no_grad():
+            full, part = model(ids, attention_mask=mask), model(ids, attention_mask=mask, logits_to_keep=2)
+        assert part.logits.shape[1] == 2
+        assert torch.allclose(full.logits[:, -2:], part.logits, atol=1e-5)
+        assert torch.equal(full.iter_count, part.iter_count)
+
+
+# -- sampling: the fused path must draw from exactly the unfused distribution ---------------------
+VOCAB, DRAWS = 8, 6000
+
+
+def chi_square_p_value(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit; cells with expectation < 5 are pooled."""
+    small = expected < 5
+    counts = torch.cat([counts[~small], counts[small].sum().view(1)]) if small.any() else counts
+    expected = torch.cat([expected[~small], expected[small].sum().view(1)]) if small.any() else expected
+    keep = expected > 0
+    stat = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), stat.double() / 2))
+
+
+def expected_pairs(model, prompt: torch.Tensor, sampler: Sampler) -> torch.Tensor:
+    """(V, V) exact probability of (first, second) generated token under the unfused method."""
+    with torch.no_grad():
+        first = sampler.probs(model(prompt).logits[:, -1])[0]
+        extended = torch.cat([prompt.expand(VOCAB, -1), torch.arange(VOCAB)[:, None]], dim=1)
+        second = sampler.probs(model(extended).logits[:, -1])
+    return first[:, None] * second
+
+
+def draw_pairs(model, prompt, fused: bool, **sampling) -> torch.Tensor:
+    # Three tokens, so that the second one is drafted and accepted or resampled (a draft is never
+    # made for the last token).
+    out = generate(model, prompt.expand(DRAWS, -1), max_new_tokens=3, do_sample=True, seed=11, fused=fused, **sampling)
+    assert not fused or out.stats.drafts == DRAWS
+    pairs = out.sequences[:, -3] * VOCAB + out.sequences[:, -2]
+    return torch.bincount(pairs, minlength=VOCAB * VOCAB).double()
+
+
+@pytest.fixture(scope="module")
+def always_model():
+    model = tiny_tah(decider="always", max_iter=2, vocab=VOCAB, seed=6)
+    randomize_lora(model, std=1.5, seed=6)
+    with torch.no_grad():  # sharper logits, so that depth 1 moves the distribution a lot (TV ~ 0.1)
+        model.lm.get_input_embeddings().weight.mul_(4)
+    return model
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.8, top_k=5, top_p=0.9)])
+def test_fused_sampling_draws_from_the_unfused_distribution(always_model, sampling):
+    prompt = torch.tensor([[3, 5, 1, 6]])
+    expected = expected_pairs(always_model, prompt, Sampler(True, **sampling)).flatten() * DRAWS
+    for fused in (True, False):
+        assert chi_square_p_value(draw_pairs(always_model, prompt, fused, **sampling), expected) > 0.01, fused
+
+
+def test_a_wrong_acceptance_rule_is_caught(always_model, monkeypatch):
+    prompt = torch.tensor([[3, 5, 1, 6]])
+    expected = expected_pairs(always_model, prompt, Sampler(True)).flatten() * DRAWS
+
+    def accept_every_draft(self, target_logits, drafts, draft_probs):
+        return torch.ones_like(drafts, dtype=torch.bool), drafts
+
+    monkeypatch.setattr(Sampler, "accept", accept_every_draft)
+    assert chi_square_p_value(draw_pairs(always_model, prompt, True), expected) < 0.01
+
+
+# -- errors ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=4, do_sample=True, temperature=-0.5), "temperature"),
+    (dict(max_new_tokens=4, do_sample=True, top_p=0.0), "top_p"),
+    (dict(max_new_tokens=4, do_sample=True, top_p=1.5), "top_p"),
+    (dict(max_new_tokens=4, stop_strings=5), "stop_strings"),
+    (dict(max_new_tokens=4, stop_strings=[b"x"]), "stop_strings"),
+    (dict(max_new_tokens=4, stop_strings="x"), "tokenizer"),
+    (dict(max_new_tokens=200), "max_position_embeddings"),
+])
+def test_bad_requests_raise_input_errors(kwargs, words):
+    model = tiny_tah(decider="random")
+    ids, mask = left_padded([5, 3])
+    with pytest.raises(InputError, match=words):
+        generate(model, ids, mask, **kwargs)
+
+
+def test_empty_prompt_is_an_error():
+    model = tiny_tah()
+    with pytest.raises(InputError, match="empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), max_new_tokens=3)
+    ids, mask = left_padded([4, 0])
+    with pytest.raises(InputError, match="empty"):
+        generate(model, ids, mask, max_new_tokens=3)
+
+
+class CharTokenizer:
+    """Just enough of a tokenizer for stop strings: token i is the letter 'a' + i."""
+
+    def decode(self, tokens, **_):
+        return "".join(chr(ord("a") + t % 26) for t in tokens)
+
+
+def test_stop_strings_end_a_row():
+    model = strong_model(2)
+    ids, mask = left_padded([5], seed=4)
+    free = generate(model, ids, mask, max_new_tokens=12).sequences[0, 5:].tolist()
+    stop = CharTokenizer().decode(free[3:5])
+    out = generate(model, ids, mask, max_new_tokens=12, stop_strings=[stop], tokenizer=CharTokenizer())
+    produced = int((out.iter_counts[0] > 0).sum())
+    assert produced <= 5 and stop in CharTokenizer().decode(out.sequences[0, 5:5 + produced].tolist())
