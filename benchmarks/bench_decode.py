@@ -30,8 +30,9 @@ def base_model(seed: int = 0) -> Qwen3ForCausalLM:
     return Qwen3ForCausalLM(config).eval()
 
 
-def tah_model(lm, rate: float) -> TaHForCausalLM:
-    config = TaHConfig(max_iter=2, decider="random" if rate > 0 else "never", random_rate=rate, seed=0,
+def tah_model(lm, rate: float | None) -> TaHForCausalLM:
+    """rate None: the `never` decider (the engine at one pass); else `random` at that rate."""
+    config = TaHConfig(max_iter=2, decider="never" if rate is None else "random", random_rate=rate or 0.0, seed=0,
                        lora_rank=16, lora_alpha=32.0)
     model = TaHForCausalLM.from_base(lm, config).eval()
     with torch.no_grad():
@@ -63,13 +64,14 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 2048])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 1.0])
     parser.add_argument("--quick", action="store_true", help="64 new tokens, 1 repeat, batch 1, context 64")
+    parser.add_argument("--prefill-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.repeats, args.batches, args.contexts = 64, 1, [1], [64]
     torch.set_num_threads(2)
     console = Console(width=150)
     bare = base_model()
-    models = {rate: tah_model(copy.deepcopy(bare), rate) for rate in [0.0, *args.rates]}
+    models = {rate: tah_model(copy.deepcopy(bare), rate) for rate in [None, *args.rates]}
     table = Table(title=f"decode: {args.new_tokens} new tokens, greedy, float32, 2 threads, median of {args.repeats}")
     for col in ("batch", "context", "engine", "tokens/s", "vs never", "never vs HF", "iterated", "KV vs base",
                 "draft accept"):
@@ -79,21 +81,24 @@ def main() -> None:
         for context in args.contexts:
             ids = torch.randint(3, 32000, (batch, context), generator=gen)
             new = args.new_tokens
-            hf_time, _ = median_time(lambda: bare.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                                           max_new_tokens=new, min_new_tokens=new, pad_token_id=0),
-                                     args.repeats)
+            hf_time, _ = median_time(lambda ids=ids, new=new: bare.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new, min_new_tokens=new,
+                pad_token_id=0), args.repeats)
             never_time = None
-            for rate in [0.0, *args.rates]:
-                label = "never" if never_time is None else f"random {rate:.0%}"
-                seconds, out = median_time(lambda m=models[rate]: generate(m, ids, max_new_tokens=new), args.repeats)
+            for rate in [None, *args.rates]:
+                label = "never" if rate is None else f"random {rate:.0%}"
+                seconds, out = median_time(lambda m=models[rate], ids=ids, new=new: generate(m, ids, max_new_tokens=new),
+                                           args.repeats)
                 if never_time is None:
                     never_time = seconds
                 stats = out.stats
                 iterated = (out.iter_counts > 1).float().mean().item()
-                table.add_row(str(batch), str(context), label, f"{batch * new / seconds:.1f}",
-                              f"{never_time / seconds:.3f}", f"{hf_time / never_time:.3f}" if label == "never" else "",
-                              f"{iterated:.1%}", f"{kv_ratio(out, batch, context, new):.3f}",
-                              f"{stats.acceptance:.1%}" if stats.drafts else "-")
+                row = (str(batch), str(context), label, f"{batch * new / seconds:.1f}",
+                       f"{never_time / seconds:.3f}", f"{hf_time / never_time:.3f}" if label == "never" else "",
+                       f"{iterated:.1%}", f"{kv_ratio(out, batch, context, new):.3f}",
+                       f"{stats.acceptance:.1%}" if stats.drafts else "-")
+                table.add_row(*row)
+                console.print("  ".join(row), style="dim")  # progress, before the table at the end
             table.add_row(str(batch), str(context), "HF generate (bare)", f"{batch * new / hf_time:.1f}", "", "",
                           "", "1.000", "")
     console.print(table)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def soft_embedding(logits: torch.Tensor, table: torch.Tensor, topk: int) -> torch.Tensor:
     """softmax over the top-k of `logits` (N, V), times those rows of `table` (V, H), summed: (N, H)."""
     top = torch.topk(logits, k=min(topk, logits.shape[-1]), dim=-1)
     probs = torch.softmax(top.values, dim=-1).to(table.dtype)
-    return torch.bmm(probs.unsqueeze(1), table[top.indices]).squeeze(1)
+    # embedding_bag sums the weighted rows without materialising an (N, k, H) gather.
+    return F.embedding_bag(top.indices, table, per_sample_weights=probs, mode="sum")

@@ -176,8 +176,8 @@ class TaHForCausalLM(nn.Module):
             need = in_tail | packing.unpack(go_on) if sparse and go_on is not None else in_tail if sparse else None
             with frozen:
                 logits, hidden = self.run_pass(inputs, pos, real, depth, cache, need_hidden=not last,
-                                               columns=None if need is None else packing.pack(need).any(0))
-                flat_logits = packing.unpack(logits) if need is None else self._needed_logits(logits, packing, need)
+                                               need=None if need is None else packing.pack(need))
+                flat_logits = packing.unpack(logits) if need is None else logits
                 prev = 0 if carry is None else (carry if need is None else carry[need])
                 flat_acc = prev + flat_logits  # (N, V) or (N_need, V)
                 tail = in_tail if need is None else in_tail[need]
@@ -220,13 +220,6 @@ class TaHForCausalLM(nn.Module):
         return go_on
 
     @staticmethod
-    def _needed_logits(logits: torch.Tensor, packing: Packing, need: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C, V) of the kept columns -> (N_need, V) for the needed packed tokens."""
-        kept = packing.pack(need).any(0)
-        column_of = kept.long().cumsum(0) - 1
-        return logits[packing.rows[need], column_of[packing.rank[need]]]
-
-    @staticmethod
     def _write_tail(acc, values, packing: Packing, where: torch.Tensor, batch: int, keep: int, length: int):
         """Put the accumulated logits of packed tokens `where` (the tail) into acc (B, keep, V)."""
         if acc is None and packing.full and keep == length:
@@ -237,20 +230,29 @@ class TaHForCausalLM(nn.Module):
 
     def run_pass(self, inputs: torch.Tensor, positions: torch.Tensor, real: torch.Tensor,
                  depth: int | torch.Tensor, cache: TaHCache, need_hidden: bool,
-                 columns: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None]:
+                 need: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None]:
         """One forward of the base model over (B, A) queries: inputs (B, A, H) embeddings, positions
         (B, A), real (B, A) bool (False = padding), depth an int or a (B, A) tensor (queries of one
         forward may sit at different depths). Returns logits (B, A, V) and HF's hidden_states tuple
-        (only the decider's layers filled) when `need_hidden`. `columns` (A,) bool: compute logits
-        only for those query columns (B, C, V)."""
+        (only the decider's layers filled) when `need_hidden`. With `need` (B, A) bool, the LM head
+        runs only there and the logits come back as (N_need, V), row-major."""
         self.depth_state.set(depth)
         mask = cache.begin_pass(positions, depth, real, inputs.dtype)
         wanted = list(self.decider.needs_hidden) if need_hidden else []
-        keep = 0 if columns is None else columns.nonzero()[:, 0]
+        if need is not None:
+            wanted = sorted({*wanted, self.num_layers})  # the final-norm output feeds our LM head
+        keep = 0 if need is None else torch.zeros(0, dtype=torch.long, device=inputs.device)
         out = self.lm(inputs_embeds=inputs, position_ids=positions, attention_mask=mask, past_key_values=cache,
                       use_cache=True, output_hidden_states=wanted or False, logits_to_keep=keep)
         self.depth_state.set(0)
-        return out.logits, out.hidden_states
+        logits = out.logits if need is None else self._lm_head(out.hidden_states[self.num_layers][need])
+        return logits, out.hidden_states
+
+    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, H) final hidden states -> (N, V) logits, as the wrapped model's own head computes them."""
+        logits = self.lm.get_output_embeddings()(hidden)
+        cap = getattr(self.lm.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     def _bce_term(self, scores, iter_labels, valid, depth) -> tuple[torch.Tensor, torch.Tensor]:
         keep = valid & (iter_labels != -100)
