@@ -64,7 +64,6 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 2048])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 1.0])
     parser.add_argument("--quick", action="store_true", help="64 new tokens, 1 repeat, batch 1, context 64")
-    parser.add_argument("--prefill-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.repeats, args.batches, args.contexts = 64, 1, [1], [64]
