@@ -68,14 +68,15 @@ class DepthLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         depth = self._state.depth
+        base = self.base_layer
         if isinstance(depth, int):
-            if depth == 0:
-                return self.base_layer(x)
+            if depth == 0:  # F.linear, not base(x): a module call per linear is measurable in decode
+                return F.linear(x, base.weight, base.bias)
             index = self.adapter_index(depth)
             if index in self._merged:
-                return F.linear(x, self._merged[index], self.base_layer.bias)
-            return self.base_layer(x) + self.delta(x, index)
-        out = self.base_layer(x)
+                return F.linear(x, self._merged[index], base.bias)
+            return F.linear(x, base.weight, base.bias) + self.delta(x, index)
+        out = F.linear(x, base.weight, base.bias)
         for d, mask in self._state.depth_masks.items():
             index = self.adapter_index(d)
             low_rank = F.linear(self.dropout(x), self.lora_A[index])
