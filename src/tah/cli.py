@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-fused", action="store_true", help="run each latent iteration in its own forward")
     gen.add_argument("--show-depth", action="store_true", help="colour each token by its number of passes")
     gen.set_defaults(run=_generate)
+
+    # Each pipeline stage registers its own subcommand next to its code.
+    from tah.data.cli import register_label
+    from tah.train.cli import register_prune, register_train
+
+    for register in (register_label, register_prune, register_train):
+        register(commands)
     return parser
 
 

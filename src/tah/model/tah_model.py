@@ -36,6 +36,8 @@ class TaHOutput(ModelOutput):
     logits: torch.Tensor | None = None
     iter_count: torch.Tensor | None = None
     past_key_values: TaHCache | None = None
+    decider_logits: torch.Tensor | None = None  # stage 2: (N,) decider scores of the labelled tokens
+    decider_targets: torch.Tensor | None = None  # stage 2: (N,) 1.0 where the oracle says continue
 
 
 class TaHForCausalLM(nn.Module):
@@ -137,12 +139,14 @@ class TaHForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, iter_labels: torch.Tensor | None = None,
                 past_key_values: TaHCache | None = None, use_cache: bool = False, logits_to_keep: int = 0,
-                **_: object) -> TaHOutput:
+                num_items_in_batch: int | torch.Tensor | None = None, **_: object) -> TaHOutput:
         """input_ids (B, T); attention_mask (B, past + T) or (B, T), 1 = real token, any padding side;
         labels (B, T), shifted inside as in HF; iter_labels (B, T) oracle pass counts (-100 = none):
         when given they, not the decider, choose who iterates. logits_to_keep = n > 0 returns the
         logits of the last n positions only (B, n, V), and skips the LM head for tokens whose logits
-        nobody reads (when the decider does not read logits): what prefill for generation wants."""
+        nobody reads (when the decider does not read logits): what prefill for generation wants.
+        num_items_in_batch (HF Trainer): the stage-1 loss is the CE sum divided by it, so that
+        gradient accumulation and several processes weigh every token alike."""
         batch, length = input_ids.shape
         valid = self._valid_mask(input_ids, attention_mask)
         self._check_labels(input_ids, labels, "labels")
@@ -178,11 +182,9 @@ class TaHForCausalLM(nn.Module):
                 logits, hidden = self.run_pass(inputs, pos, real, depth, cache, need_hidden=not last,
                                                need=None if need is None else packing.pack(need))
                 flat_logits = packing.unpack(logits) if need is None else logits
-                prev = 0 if carry is None else (carry if need is None else carry[need])
-                flat_acc = prev + flat_logits  # (N, V) or (N_need, V)
-                tail = in_tail if need is None else in_tail[need]
-                acc = self._write_tail(acc, flat_acc[tail], packing, tail if need is None else need & in_tail,
-                                       batch, keep, length)
+                # (N, V) or (N_need, V); depth 0 adds nothing, so no (B*T, V) copy is made
+                flat_acc = flat_logits if carry is None else (carry if need is None else carry[need]) + flat_logits
+                acc = self._accumulate(acc, flat_logits, packing, in_tail, need, batch, keep, length)
             if depth > 0:
                 iter_count = iter_count.index_put((packing.rows, packing.cols), torch.ones_like(packing.rows), accumulate=True)
             if last:
@@ -203,14 +205,19 @@ class TaHForCausalLM(nn.Module):
                 soft = soft_embedding(carry, self.lm.get_input_embeddings().weight, self.tah_config.input_topk)
             inputs = packing.pack(soft)
 
-        loss = None
+        loss, scores, targets = None, None, None
         if stage2:
-            loss = self._bce_loss(bce_terms, acc)
+            loss, scores, targets = self._bce_loss(bce_terms, acc)
         elif labels is not None:
             shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
-            loss = F.cross_entropy(acc.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
+            if num_items_in_batch is None:
+                loss = F.cross_entropy(acc.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
+            else:
+                loss = F.cross_entropy(acc.float().flatten(0, 1), shifted.flatten(), ignore_index=-100,
+                                       reduction="sum") / num_items_in_batch
         return TaHOutput(loss=loss, logits=acc, iter_count=iter_count,
-                         past_key_values=cache if use_cache else None)
+                         past_key_values=cache if use_cache else None, decider_logits=scores,
+                         decider_targets=targets)
 
     def _decide(self, acc_packed, hidden, pos, depth: int, labels_packed) -> torch.Tensor:
         """(B, A) bool: which packed tokens run another pass (oracle labels win over the decider)."""
@@ -220,13 +227,25 @@ class TaHForCausalLM(nn.Module):
         return go_on
 
     @staticmethod
-    def _write_tail(acc, values, packing: Packing, where: torch.Tensor, batch: int, keep: int, length: int):
-        """Put the accumulated logits of packed tokens `where` (the tail) into acc (B, keep, V)."""
-        if acc is None and packing.full and keep == length:
-            return values.unflatten(0, (batch, length))
+    def _accumulate(acc, flat_logits, packing: Packing, in_tail: torch.Tensor, need: torch.Tensor | None,
+                    batch: int, keep: int, length: int) -> torch.Tensor:
+        """Add a pass's logits (rows of `flat_logits`: the packed tokens, or those in `need`) of the
+        tail tokens into acc (B, keep, V); acc is None before depth 0.
+
+        Adding in place of overwriting with carry + logits gives the same numbers (acc already holds
+        carry there), and its backward passes the (B, T, V) gradient through instead of copying it.
+        """
+        if acc is None and keep == length:  # depth 0 over every token: its logits are the sum so far
+            return flat_logits.unflatten(0, (batch, length))
+        if keep == length:  # need is None then (see forward), every row is in the tail
+            values, where = flat_logits, slice(None)
+        else:
+            values = flat_logits[in_tail if need is None else in_tail[need]]
+            where = in_tail if need is None else need & in_tail
+        index = (packing.rows[where], packing.cols[where] - (length - keep))
         if acc is None:
-            acc = values.new_zeros(batch, keep, values.shape[-1])
-        return acc.index_put((packing.rows[where], packing.cols[where] - (length - keep)), values)
+            return values.new_zeros(batch, keep, values.shape[-1]).index_put(index, values)
+        return acc.index_put(index, values, accumulate=True)
 
     def run_pass(self, inputs: torch.Tensor, positions: torch.Tensor, real: torch.Tensor,
                  depth: int | torch.Tensor, cache: TaHCache, need_hidden: bool,
@@ -258,13 +277,15 @@ class TaHForCausalLM(nn.Module):
         keep = valid & (iter_labels != -100)
         return scores[keep], (iter_labels[keep] > depth + 1).to(scores.dtype)
 
-    def _bce_loss(self, terms, acc) -> torch.Tensor:
+    def _bce_loss(self, terms, acc) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, scores (N,), targets (N,)) over every labelled token and depth."""
         scores = torch.cat([s for s, _ in terms]) if terms else acc.new_zeros(0)
         targets = torch.cat([t for _, t in terms]) if terms else acc.new_zeros(0)
         if scores.numel() == 0:  # keeps the graph connected so every rank can step
-            return sum(p.sum() * 0.0 for p in self.decider.parameters())
+            return sum(p.sum() * 0.0 for p in self.decider.parameters()), scores, targets
         weight = torch.tensor(self.tah_config.pos_weight, device=scores.device, dtype=torch.float32)
-        return F.binary_cross_entropy_with_logits(scores.float(), targets.float(), pos_weight=weight)
+        loss = F.binary_cross_entropy_with_logits(scores.float(), targets.float(), pos_weight=weight)
+        return loss, scores.detach(), targets
 
     # -- input checks --------------------------------------------------------------------------
     def _valid_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,62 @@
+"""`tah prune` and `tah train`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register_prune(commands: argparse._SubParsersAction) -> None:
+    """`tah prune --model DIR --data DATA --out OUT [--layers K]`: greedily remove the K decoder layers
+    whose removal raises the calibration loss least; write the pruned HF model, its tokenizer and
+    prune_report.json (each layer's loss increase) to OUT."""
+    prune = commands.add_parser(
+        "prune", help="remove the layers whose removal raises held-out loss least",
+        description="Greedily remove the K decoder layers whose removal raises the calibration loss (next-token "
+                    "cross-entropy on the assistant tokens) least, re-measuring after each removal. Writes the "
+                    "pruned model (loadable by AutoModelForCausalLM), the tokenizer and prune_report.json to OUT.")
+    prune.add_argument("--model", required=True, help="HF model directory (with its tokenizer files)")
+    prune.add_argument("--data", required=True,
+                       help="calibration JSONL: rows with chat `messages`, or `prompt` + `response`")
+    prune.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+    prune.add_argument("--layers", type=int, default=1, help="number of decoder layers to remove (default 1)")
+    prune.add_argument("--max-length", type=int, default=1024, help="truncate rows to this many tokens")
+    prune.add_argument("--batch-size", type=int, default=4)
+    prune.add_argument("--max-rows", type=int, default=None, help="use only the first N rows of --data")
+
+    def run(args: argparse.Namespace) -> None:
+        from rich.console import Console
+
+        from tah.train.prune import REPORT, prune, report_table
+
+        report = prune(args.model, args.data, args.out, layers=args.layers, max_length=args.max_length,
+                       batch_size=args.batch_size, max_rows=args.max_rows)
+        console = Console(highlight=False)
+        console.print(report_table(report))
+        console.print(f"removed layers {report.removed}; wrote {args.out} (report: {REPORT})")
+
+    prune.set_defaults(run=run)
+
+
+def register_train(commands: argparse._SubParsersAction) -> None:
+    """`tah train --config RECIPE.yaml [--set key=value ...] [--resume]`."""
+    train = commands.add_parser(
+        "train", help="train stage 1 / stage 2 / a baseline from a YAML recipe",
+        description="Stage 1 trains base + LoRA with oracle hard-token labels choosing who iterates; stage 2 trains "
+                    "the decider of a stage-1 checkpoint; `baseline: standard | always` runs the same recipe with "
+                    "one pass / every token iterating. Checkpoints go to OUTPUT_DIR/checkpoint-N, the final model "
+                    "to OUTPUT_DIR/final. Runs under `accelerate launch` for several processes.")
+    train.add_argument("--config", required=True, help="YAML recipe (see recipes/)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe key, e.g. --set training.learning_rate=1e-4 (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+
+    def run(args: argparse.Namespace) -> None:
+        from tah.train.recipe import load_recipe
+
+        recipe = load_recipe(args.config, args.overrides)  # all checks happen before any model loads
+        from tah.train.run import train as run_training
+
+        final = run_training(recipe, resume=args.resume)
+        print(f"final model: {final}")
+
+    train.set_defaults(run=run)

@@ -1,0 +1,161 @@
+"""`train(recipe)`: one run of stage 1, stage 2 or a baseline, from a checked `Recipe`.
+
+    stage 1            base HF model + fresh LoRA; oracle `iter_labels` choose who iterates;
+                       base and LoRA train on next-token CE (the decider is frozen).
+    stage 2            a stage-1 checkpoint; base and LoRA frozen; the decider trains on BCE.
+    baseline standard  the same SFT with one pass (max_iter 1, no LoRA).
+    baseline always    every token iterates once (max_iter 2, decider "always").
+
+The final model lands in `OUTPUT_DIR/final` (our layout + tokenizer); checkpoints in
+`OUTPUT_DIR/checkpoint-N`, which `--resume` continues from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from tah.errors import ConfigError, InputError
+from tah.model.decider import build_decider
+from tah.model.tah_model import TaHForCausalLM
+from tah.train.recipe import Recipe
+from tah.train.trainer import TaHTrainer, clean_staging
+
+DECIDER_SHAPE = ("decider", "decider_layers", "decider_hidden_dims", "decider_topk", "decider_expansion")
+
+
+def train(recipe: Recipe, resume: bool = False) -> Path:
+    """Run the recipe; returns the directory of the final model. `resume` continues from the last
+    complete checkpoint in output_dir (an error if there is none)."""
+    out = Path(recipe.output_dir)
+    checkpoint = _resume_point(out, resume)
+    tokenizer = _tokenizer(recipe)
+    train_data = _dataset(recipe, recipe.data, tokenizer)
+    eval_data = _dataset(recipe, recipe.eval_data, tokenizer) if recipe.eval_data else None
+    set_seed(recipe.training.seed)  # fresh LoRA A and the decider are random: same seed, same start
+    model = _model(recipe)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+    args = _training_arguments(recipe, processes, has_eval=eval_data is not None)
+    from tah.data import TaHCollator
+
+    trainer = TaHTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                         data_collator=TaHCollator(tokenizer.pad_token_id), processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    final = out / "final"
+    trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        _write_json(out / "recipe.json", {"recipe": dataclasses.asdict(recipe), "final": str(final), "processes": trainer.args.world_size,
+                                          "log_history": trainer.state.log_history})
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def _resume_point(out: Path, resume: bool) -> str | None:
+    if out.exists():
+        clean_staging(out)
+    if not resume:
+        return None
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if last is None:
+        raise InputError(f"--resume: no checkpoint-N directory in {out}; run without --resume to start fresh")
+    return last
+
+
+def _tokenizer(recipe: Recipe):
+    source = recipe.tokenizer or recipe.model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load a tokenizer from {source}: {err}; set `tokenizer:` in the recipe") from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _dataset(recipe: Recipe, path: str, tokenizer):
+    """Labelled data for TaH runs; baselines also take raw chat data (iter_labels are dropped)."""
+    from tah.data import build_dataset, load_labeled
+
+    needs_labels = recipe.baseline is None
+    labelled = _is_labelled(path)
+    if needs_labels and not labelled:
+        raise InputError(f"{path} has no hard-token labels (iter_labels); stage {recipe.stage} needs them: "
+                         f"run `tah label --model REFERENCE --data {path} --out LABELED` and point `data` there")
+    data = load_labeled(path) if labelled else build_dataset(path, tokenizer, recipe.max_length)
+    if not needs_labels and "iter_labels" in data.column_names:
+        data = data.remove_columns("iter_labels")
+    keep = [c for c in ("input_ids", "labels", "iter_labels") if c in data.column_names]
+    data = data.select_columns(keep)
+    if any(len(ids) > recipe.max_length for ids in data["input_ids"]):
+        data = data.map(lambda row: {c: row[c][:recipe.max_length] for c in keep}, desc="truncating")
+    return data
+
+
+def _is_labelled(path: str) -> bool:
+    from tah.data import load_labeled
+
+    try:
+        load_labeled(path)
+    except InputError:
+        return False
+    return True
+
+
+def _model(recipe: Recipe) -> TaHForCausalLM:
+    config = recipe.tah_config()
+    source = Path(recipe.model)
+    is_tah = (source / "tah_config.json").is_file()
+    if recipe.stage == 2 and not is_tah:
+        raise InputError(f"stage 2 trains the decider of a stage-1 checkpoint, and {source} has no "
+                         "tah_config.json: point `model` at a stage-1 run's final/ directory")
+    if not is_tah:
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot load a Hugging Face causal LM from {source}: {err}") from err
+        return TaHForCausalLM.from_base(lm, config)
+    model = TaHForCausalLM.from_pretrained(source, dtype=torch.float32)
+    old = model.tah_config
+    architecture = ("max_iter", "lora_rank", "lora_target_modules", "lora_per_depth")
+    changed = [k for k in architecture if recipe.tah.get(k, getattr(old, k)) != getattr(old, k)]
+    if changed:
+        raise ConfigError(f"tah.{changed[0]} differs from the checkpoint {source} ({getattr(old, changed[0])!r}); "
+                          "the adapters it holds cannot change shape: drop the key from the recipe")
+    merged = old.replace(**{**recipe.tah, "training_stage": recipe.stage})
+    if any(getattr(merged, k) != getattr(old, k) for k in DECIDER_SHAPE):  # stage 1 never trained it
+        model.decider = build_decider(merged, model.config.get_text_config().hidden_size, model.num_layers)
+    model.tah_config = merged
+    model.set_threshold(merged.threshold)
+    model.set_training_stage(recipe.stage)
+    return model
+
+
+def _training_arguments(recipe: Recipe, processes: int, has_eval: bool) -> TrainingArguments:
+    t = recipe.training
+    scheduler_kwargs = {"min_lr_rate": t.min_lr_ratio} if t.lr_scheduler == "cosine_with_min_lr" else {}
+    every = t.eval_steps or t.save_steps
+    return TrainingArguments(
+        output_dir=recipe.output_dir, per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.accumulation_steps(processes), learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler, lr_scheduler_kwargs=scheduler_kwargs, warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, num_train_epochs=t.epochs,
+        max_steps=t.max_steps, bf16=t.bf16, seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps,
+        save_steps=t.save_steps, save_total_limit=t.save_total_limit, report_to=t.report_to or "none",
+        eval_strategy="steps" if has_eval else "no", eval_steps=every if has_eval else None,
+        remove_unused_columns=False, dataloader_num_workers=t.dataloader_num_workers,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(value, indent=2, default=str))
+    os.replace(tmp, path)
