@@ -101,11 +101,12 @@ class TaHCache:
 
     def _write(self, buffer: torch.Tensor | None, states: torch.Tensor) -> torch.Tensor:
         b, h, _, d = states.shape
+        fresh = buffer is None or buffer.shape[2] < self.capacity  # a new tensor that nobody holds yet
         if buffer is None:
             buffer = states.new_zeros(b, h, self.capacity, d)
         elif buffer.shape[2] < self.capacity:
             buffer = _extend(buffer, self.capacity, dim=2)
-        if torch.is_grad_enabled() and (states.requires_grad or buffer.requires_grad):
+        if not fresh and torch.is_grad_enabled() and (states.requires_grad or buffer.requires_grad):
             # Training: never modify a buffer an earlier pass saved for backward.
             buffer = buffer.clone()
         if self._start is not None:

@@ -40,6 +40,33 @@ class TaHOutput(ModelOutput):
     decider_targets: torch.Tensor | None = None  # stage 2: (N,) 1.0 where the oracle says continue
 
 
+class _TakeRows(torch.autograd.Function):
+    """(acc, acc[rows, cols]): the accumulated logits (B, T, V) of the tokens that go one pass deeper.
+
+    Same values as indexing; the point is the backward. Autograd's own would build the gradient of
+    the few gathered rows in a zero (B, T, V) tensor and then add it to acc's gradient (two more
+    (B, T, V) buffers, ~10% of a CPU training step); here both gradients arrive together and the rows
+    are added into one copy of acc's gradient. acc comes back as the same tensor (marked dirty, as an
+    in-place op would), so later in-place adds to it need no copy either.
+    """
+
+    @staticmethod
+    def forward(ctx, acc: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+        ctx.mark_dirty(acc)
+        ctx.save_for_backward(rows, cols)
+        ctx.shape = acc.shape
+        return acc, acc[rows, cols]
+
+    @staticmethod
+    def backward(ctx, grad_acc: torch.Tensor | None, grad_rows: torch.Tensor | None):
+        rows, cols = ctx.saved_tensors
+        if grad_rows is None:
+            return grad_acc, None, None
+        if grad_acc is None:
+            return grad_rows.new_zeros(ctx.shape).index_put_((rows, cols), grad_rows, accumulate=True), None, None
+        return grad_acc.index_put((rows, cols), grad_rows, accumulate=True), None, None
+
+
 class TaHForCausalLM(nn.Module):
     """A Think-at-Hard model wrapping a loaded HF decoder-only causal LM (`self.lm`)."""
 
@@ -184,7 +211,11 @@ class TaHForCausalLM(nn.Module):
                 flat_logits = packing.unpack(logits) if need is None else logits
                 # (N, V) or (N_need, V); depth 0 adds nothing, so no (B*T, V) copy is made
                 flat_acc = flat_logits if carry is None else (carry if need is None else carry[need]) + flat_logits
-                acc = self._accumulate(acc, flat_logits, packing, in_tail, need, batch, keep, length)
+                if acc is None and keep == length:  # depth 0 over every token: its logits are the sum so far
+                    acc = logits  # (B, T, V), HF's own tensor (not a view), so it can be added to in place
+                else:
+                    acc = self._accumulate(acc, flat_logits, packing, in_tail, need, batch, keep, length,
+                                           in_place=self._logits_in_place)
             if depth > 0:
                 iter_count = iter_count.index_put((packing.rows, packing.cols), torch.ones_like(packing.rows), accumulate=True)
             if last:
@@ -199,8 +230,12 @@ class TaHForCausalLM(nn.Module):
             go_on_flat = packing.unpack(go_on)
             if not bool(go_on_flat.any()):
                 break
-            carry = flat_acc[go_on_flat if need is None else go_on_flat[need]]
-            packing = Packing.select(packing.rows[go_on_flat], packing.cols[go_on_flat], batch)
+            rows, cols = packing.rows[go_on_flat], packing.cols[go_on_flat]
+            if acc is logits:  # depth 0 over every token: acc is (B, T, V), its rows are the packed tokens
+                acc, carry = _TakeRows.apply(acc, rows, cols)
+            else:
+                carry = flat_acc[go_on_flat if need is None else go_on_flat[need]]
+            packing = Packing.select(rows, cols, batch)
             with frozen:
                 soft = soft_embedding(carry, self.lm.get_input_embeddings().weight, self.tah_config.input_topk)
             inputs = packing.pack(soft)
@@ -228,15 +263,14 @@ class TaHForCausalLM(nn.Module):
 
     @staticmethod
     def _accumulate(acc, flat_logits, packing: Packing, in_tail: torch.Tensor, need: torch.Tensor | None,
-                    batch: int, keep: int, length: int) -> torch.Tensor:
+                    batch: int, keep: int, length: int, in_place: bool) -> torch.Tensor:
         """Add a pass's logits (rows of `flat_logits`: the packed tokens, or those in `need`) of the
-        tail tokens into acc (B, keep, V); acc is None before depth 0.
+        tail tokens into acc (B, keep, V); acc is None before the first pass.
 
-        Adding in place of overwriting with carry + logits gives the same numbers (acc already holds
-        carry there), and its backward passes the (B, T, V) gradient through instead of copying it.
+        Adding instead of overwriting with carry + logits gives the same numbers (acc holds carry
+        there) and, in place, copies no (B, T, V) tensor forward or backward (the backward of an
+        accumulating index_put passes the gradient through).
         """
-        if acc is None and keep == length:  # depth 0 over every token: its logits are the sum so far
-            return flat_logits.unflatten(0, (batch, length))
         if keep == length:  # need is None then (see forward), every row is in the tail
             values, where = flat_logits, slice(None)
         else:
@@ -244,8 +278,14 @@ class TaHForCausalLM(nn.Module):
             where = in_tail if need is None else need & in_tail
         index = (packing.rows[where], packing.cols[where] - (length - keep))
         if acc is None:
-            return values.new_zeros(batch, keep, values.shape[-1]).index_put(index, values)
-        return acc.index_put(index, values, accumulate=True)
+            return values.new_zeros(batch, keep, values.shape[-1]).index_put_(index, values)
+        return acc.index_put_(index, values, accumulate=True) if in_place else acc.index_put(index, values, accumulate=True)
+
+    @property
+    def _logits_in_place(self) -> bool:
+        """May the accumulated logits be added to in place? Not when the wrapped model's logits went
+        through an op that saves its output for backward (tanh soft-capping)."""
+        return not getattr(self.lm.config, "final_logit_softcapping", None)
 
     def run_pass(self, inputs: torch.Tensor, positions: torch.Tensor, real: torch.Tensor,
                  depth: int | torch.Tensor, cache: TaHCache, need_hidden: bool,
