@@ -1,0 +1,13 @@
+"""Evaluation of TaH models: answers by generation, teacher-forced next-token accuracy under
+iteration policies (the oracle), latent overthinking, threshold sweeps, and reports."""
+
+from tah.eval.answers import answer_accuracy
+from tah.eval.batches import iterate_batches
+from tah.eval.report import depth_table, plot_sweep, results_table, write_results
+from tah.eval.samples import samples_html
+from tah.eval.sweep import threshold_sweep
+from tah.eval.tokens import POLICIES, depth_analysis, next_token_accuracy, overthinking, solution_records
+
+__all__ = ["POLICIES", "answer_accuracy", "depth_analysis", "depth_table", "iterate_batches", "next_token_accuracy",
+           "overthinking", "plot_sweep", "results_table", "samples_html", "solution_records", "threshold_sweep",
+           "write_results"]
