@@ -11,7 +11,7 @@ from tah.errors import TaHError
 def _demo(args: argparse.Namespace) -> None:
     from tah.toy.demo import run_demo
 
-    run_demo(seed=args.seed, max_new_tokens=args.max_new_tokens)
+    run_demo(out=args.out, quick=args.quick, seeds=args.seeds)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -52,9 +52,15 @@ def _generate(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tah", description="Think-at-Hard: iterate only on the hard tokens.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the end-to-end demo on a built-in tiny model")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo = commands.add_parser(
+        "demo", help="the paper's experiment end to end on a toy task (CPU, nothing downloaded)",
+        description="Pretrain a tiny Qwen3 on step-by-step arithmetic, label its hard tokens, prune a layer, and "
+                    "train Standard, AlwaysIterate, TaH+ and TaH with equal budgets through tah label / prune / "
+                    "train; evaluate on held-out problems. Writes results.json, sweep.png and samples.html.")
+    demo.add_argument("--out", default="tah-demo", help="output directory (default: tah-demo)")
+    demo.add_argument("--quick", action="store_true", help="smaller task and model, one seed (about a minute)")
+    demo.add_argument("--seeds", type=int, default=None,
+                      help="repeat with N seeds and report mean ± std (default: 3; 1 with --quick)")
     demo.set_defaults(run=_demo)
 
     gen = commands.add_parser("generate", help="generate text with a saved TaH model (our or the original layout)")

@@ -1,71 +1,246 @@
-"""`tah demo`: build a tiny random Qwen3, wrap it with TaH, run a forward and a short generation,
-and print the text coloured by how many passes each token got.
+"""`tah demo`: the paper's experiment at toy scale, end to end, on a CPU, with nothing downloaded.
 
-Nothing is downloaded. The model is untrained, so the text is noise; what the demo shows is the
-machinery: which tokens the decider sent deeper, and that depth-0 equals the bare model.
+A tiny Qwen3 learns step-by-step arithmetic (copied digits are easy, computed digits are hard);
+then, with equal training budgets, Standard (one pass), AlwaysIterate, TaH+ (all layers) and TaH
+(one layer pruned, so its parameters match Standard's) are trained through `tah label`,
+`tah prune` and `tah train`, and evaluated on held-out problems. Writes under OUT:
+
+    results.json    every number and the settings (per seed, and mean / std over seeds)
+    sweep.png       next-token accuracy and iterated share as TaH's decider threshold sweeps 0..1
+    samples.html    held-out solutions, each token coloured by its passes, hard labels marked
+    seed-N/         the data, models, runs and logs of each seed
 """
 
 from __future__ import annotations
 
+import statistics
 import time
+from pathlib import Path
 
-import torch
 from rich.console import Console
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from rich.table import Table
 
-from tah.config import TaHConfig
-from tah.generation.reference import generate_reference
-from tah.generation.render import depth_text, legend
-from tah.model.tah_model import TaHForCausalLM
+from tah.toy.pipeline import DemoSettings, Stages, settings_dict
 
-CHARS = [chr(c) for c in range(32, 127)]  # a character vocabulary: token id i <-> CHARS[i]
+MODELS = ("Standard", "AlwaysIterate", "TaH+", "TaH")
+METRICS = ("answer_accuracy", "next_token_accuracy", "iterated_share", "parameters", "train_time_s", "eval_time_s")
 
 
-def encode(text: str) -> list[int]:
-    return [CHARS.index(c) if c in CHARS else 0 for c in text]
+def run_demo(out: str | Path = "tah-demo", quick: bool = False, seeds: int | None = None,
+             console: Console | None = None) -> dict:
+    """Run the whole experiment for `seeds` seeds (default: 3, or 1 with `quick`); returns what
+    results.json holds. Each seed draws its own problems, initial weights and data order."""
+    from tah.errors import InputError
 
+    seeds = (1 if quick else 3) if seeds is None else seeds
+    if not isinstance(seeds, int) or seeds < 1:
+        raise InputError(f"--seeds must be an integer >= 1; got {seeds!r}")
+    from transformers.utils import logging as hf_logging
 
-def tiny_qwen3(seed: int = 0) -> Qwen3ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=len(CHARS), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                         tie_word_embeddings=True)
-    return Qwen3ForCausalLM(config).eval()
+    from tah.eval import plot_sweep, write_results
 
-
-def run_demo(seed: int = 0, max_new_tokens: int = 48, console: Console | None = None) -> dict:
-    """Run the quick demo; returns the figures it printed."""
-    console = console or Console()
-    config = TaHConfig(max_iter=3, input_topk=16, lora_rank=4, lora_alpha=8.0, decider="random", random_rate=0.15,
-                       seed=seed)
+    hf_logging.disable_progress_bar()  # weight loading; the Trainer's bar stays (it needs warning level)
+    hf_logging.set_verbosity_warning()
+    console = console or Console(highlight=False)
+    if not console.is_terminal:  # piped or captured: room for the whole table rather than 80 columns
+        console.width = max(console.width, 110)
+    settings = DemoSettings.quick() if quick else DemoSettings()
+    out = Path(out)
     started = time.perf_counter()
-    bare = tiny_qwen3(seed)
-    model = TaHForCausalLM.from_base(tiny_qwen3(seed), config).eval()
-    with torch.no_grad():  # LoRA B starts at zero; give it values so deeper passes differ visibly
-        for module in model.lora.values():
-            for b in module.lora_B:
-                b.normal_(0, 0.05)
-    prompt = "Think harder only where it matters: 12 + 30 = "
-    ids = torch.tensor([encode(prompt)])
-    with torch.no_grad():
-        out = model(ids)
-        base_logits = bare(ids).logits
-    # An untrained model's greedy text is one repeated character; sampling shows more variety.
-    generated = generate_reference(model, ids, max_new_tokens=max_new_tokens, temperature=1.0,
-                                   generator=torch.Generator().manual_seed(seed))
-    elapsed = time.perf_counter() - started
+    console.rule(f"tah demo{' --quick' if quick else ''}: Think-at-Hard on step-by-step arithmetic")
+    runs = []
+    for seed in range(seeds):
+        console.print(f"[bold]seed {seed}[/] (of {seeds}) -> {out / f'seed-{seed}'}")
+        runs.append(run_seed(out / f"seed-{seed}", settings, seed, console))
+    results = summarise(runs, settings, quick, time.perf_counter() - started)
+    write_results(results, out / "results.json")
+    first = runs[0]
+    references = {name: {"iterated_share": row["iterated_share"], "accuracy": row["next_token_accuracy"]}
+                  for name, row in first["models"].items() if name in ("Standard", "AlwaysIterate")}
+    plot_sweep(first["sweep"], out / "sweep.png", references=references)
+    _copy(out / "seed-0" / "samples.html", out / "samples.html")
+    console.print(demo_table(results))
+    console.print(analysis_lines(results))
+    console.print(f"wrote {out / 'results.json'}, {out / 'sweep.png'}, {out / 'samples.html'} "
+                  f"in {results['total_time_s']:.0f} s", style="dim")
+    return results
 
-    new_ids = generated.sequences[0, ids.shape[1]:].tolist()
-    prompt_passes = out.iter_count[0].tolist()
-    console.rule("[bold]tah demo[/bold]: Think-at-Hard on a tiny random Qwen3")
-    console.print(f"base: Qwen3, {sum(p.numel() for p in bare.parameters()):,} parameters; "
-                  f"TaH: max_iter={config.max_iter}, LoRA r={config.lora_rank} on {len(model.lora)} linears, "
-                  f"decider=random({config.random_rate})")
-    console.print(legend(config.max_iter))
-    console.print("prompt:    ", depth_text(list(prompt), prompt_passes))
-    console.print("generated: ", depth_text([CHARS[i] for i in new_ids], generated.iter_counts[0].tolist()))
-    iterated = (generated.iter_counts[0] > 1).float().mean().item()
-    depth0 = (out.logits[out.iter_count == 1] - base_logits[out.iter_count == 1]).abs().max().item()
-    console.print(f"{len(new_ids)} tokens in {elapsed:.2f}s; {iterated:.0%} of generated tokens iterated; "
-                  f"tokens with one pass match the bare model to {depth0:.1e}")
-    return {"iterated_share": iterated, "depth0_max_diff": depth0, "new_tokens": len(new_ids)}
+
+def run_seed(root: Path, settings: DemoSettings, seed: int, console: Console) -> dict:
+    """One seed: every stage, every model, every analysis."""
+    from tah.data import load_labeled
+    from tah.toy.tokenizer import build_char_tokenizer
+
+    stages = Stages(root, settings, seed)
+    times = {}
+
+    def step(name: str, action):
+        began = time.perf_counter()
+        value = action()  # the stage's own progress bar (Trainer, label, prune) draws on stderr
+        times[name] = time.perf_counter() - began
+        console.print(f"  [green]✓[/] {name:<34} {times[name]:6.1f} s")
+        return value
+
+    train, heldout = step("data: problems + tokenizer", stages.data)
+    init = step("init: random tiny Qwen3", stages.init_model)
+    s = settings
+    base, _ = step("pretrain: the base (tah train)", lambda: stages.train(
+        "standard", "base", init, root / "data" / "train.jsonl", s.pretrain_steps, s.pretrain_lr))
+    labeled, _ = step("label: hard tokens (tah label)", lambda: stages.label(base, "train"))
+    heldout_labeled, _ = step("label: held-out", lambda: stages.label(base, "heldout"))
+    pruned, _ = step("prune: 1 layer (tah prune)", lambda: stages.prune(base))
+    finals, train_time = {}, {}
+
+    def fit(name, recipe, out, model, steps, lr, **extra):
+        path, seconds = stages.train(recipe, out, model, labeled, steps, lr, **extra)
+        train_time[name] = train_time.get(name, 0.0) + seconds
+        return path
+
+    decider = {"tah.pos_weight": s.pos_weight, "tah.threshold": s.threshold}
+    finals["Standard"] = step("train: Standard", lambda: fit("Standard", "standard", "standard", base,
+                                                            s.finetune_steps, s.finetune_lr))
+    finals["AlwaysIterate"] = step("train: AlwaysIterate", lambda: fit("AlwaysIterate", "always", "always", base,
+                                                                      s.finetune_steps, s.finetune_lr))
+    for name, start in (("TaH+", base), ("TaH", pruned)):
+        tag = name.lower().replace("+", "-plus")
+        stage1 = step(f"train: {name} stage 1", lambda start=start, name=name, tag=tag: fit(
+            name, "stage1", f"{tag}-stage1", start, s.finetune_steps, s.finetune_lr, **decider))
+        finals[name] = step(f"train: {name} stage 2 (decider)", lambda stage1=stage1, name=name, tag=tag: fit(
+            name, "stage2", f"{tag}-stage2", stage1, s.decider_steps, s.decider_lr, **decider))
+
+    tokenizer = build_char_tokenizer()
+    data = load_labeled(heldout_labeled)
+    problems = heldout[:s.eval_problems]
+    models = {name: step(f"evaluate: {name}", lambda path=path, name=name: evaluate(
+        name, path, tokenizer, problems, data, train_time[name])) for name, path in finals.items()}
+    analysis = step("analyse: oracle + overthinking", lambda: oracle_analysis(finals["AlwaysIterate"], data))
+    sweep = step("analyse: threshold sweep (TaH)", lambda: threshold_curve(finals["TaH"], data))
+    step("samples.html", lambda: write_samples(finals["TaH"], tokenizer, data, root / "samples.html", s.samples))
+    stage1_losses = _losses(root / "runs" / "tah-stage1" / "recipe.json")
+    return {"seed": seed, "models": models, "depth_analysis": analysis, "sweep": sweep, "stage_times_s": times,
+            "labels": _label_stats(labeled), "stage1_loss": stage1_losses,
+            "decider": _decider_metrics(root / "runs" / "tah-stage2" / "recipe.json")}
+
+
+def evaluate(name: str, path: Path, tokenizer, problems, data, train_time: float) -> dict:
+    from tah import TaHForCausalLM
+    from tah.eval import answer_accuracy, next_token_accuracy
+
+    model = TaHForCausalLM.from_pretrained(path).eval()
+    began = time.perf_counter()
+    answers = answer_accuracy(model, tokenizer, problems, progress=False)
+    tokens = next_token_accuracy(model, data, "model", pad_token_id=tokenizer.pad_token_id, progress=False)
+    return {"name": name, "answer_accuracy": answers["accuracy"], "next_token_accuracy": tokens["accuracy"],
+            "iterated_share": tokens["iterated_share"], "answer_iterated_share": answers["iterated_share"] or 0.0,
+            "parameters": sum(p.numel() for p in model.parameters()), "train_time_s": train_time,
+            "eval_time_s": time.perf_counter() - began, "path": str(path)}
+
+
+def oracle_analysis(path: Path, data) -> dict:
+    from tah import TaHForCausalLM
+    from tah.eval import depth_analysis
+
+    model = TaHForCausalLM.from_pretrained(path).eval()
+    return depth_analysis(model, data, progress=False)
+
+
+def threshold_curve(path: Path, data) -> list[dict]:
+    from tah import TaHForCausalLM
+    from tah.eval import threshold_sweep
+
+    return threshold_sweep(TaHForCausalLM.from_pretrained(path).eval(), data, progress=False)
+
+
+def write_samples(path: Path, tokenizer, data, html: Path, count: int) -> None:
+    from tah import TaHForCausalLM
+    from tah.eval import samples_html, solution_records
+
+    model = TaHForCausalLM.from_pretrained(path).eval()
+    records = solution_records(model, tokenizer, data, count=count, pad_token_id=tokenizer.pad_token_id)
+    samples_html(records, html, title="TaH on held-out problems: passes per token", max_iter=model.tah_config.max_iter)
+
+
+def summarise(runs: list[dict], settings: DemoSettings, quick: bool, total: float) -> dict:
+    """Mean (and std over seeds) of every model metric; the per-seed runs kept whole."""
+    rows, spread = [], {}
+    for name in MODELS:
+        row, dev = {"name": name}, {}
+        for metric in METRICS:
+            values = [run["models"][name][metric] for run in runs]
+            row[metric] = round(statistics.fmean(values)) if metric == "parameters" else statistics.fmean(values)
+            dev[metric] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
+        spread[name] = dev
+    overthinking = [run["depth_analysis"]["overthinking"] for run in runs]
+    return {"command": f"tah demo{' --quick' if quick else ''} --seeds {len(runs)}", "seeds": len(runs),
+            "date": time.strftime("%Y-%m-%d"), "machine": _machine(), "models": rows, "std": spread,
+            "overthinking": {k: statistics.fmean(o[k] for o in overthinking if o[k] is not None)
+                             for k in ("overthink_share", "fix_share") if any(o[k] is not None for o in overthinking)},
+            "settings": settings_dict(settings), "runs": runs, "total_time_s": total}
+
+
+def demo_table(results: dict) -> Table:
+    """The paper-like table: one row per model, mean (± std over seeds when there are several)."""
+    from tah.eval.report import MODEL_COLUMNS
+
+    table = Table(title=f"Held-out results ({results['seeds']} seed{'s' if results['seeds'] > 1 else ''})")
+    for _, header, _ in MODEL_COLUMNS:
+        table.add_column(header, justify="left" if header == "Model" else "right")
+    for row in results["models"]:
+        cells = []
+        for key, _, fmt in MODEL_COLUMNS:
+            cell = fmt(row[key])
+            deviation = results["std"][row["name"]].get(key) if key != "name" else None
+            if results["seeds"] > 1 and deviation is not None and key != "parameters":
+                cell += f" ± {fmt(deviation)}"
+            cells.append(cell)
+        table.add_row(*cells)
+    return table
+
+
+def analysis_lines(results: dict) -> str:
+    run = results["runs"][0]["depth_analysis"]
+    acc = {k: run[k]["accuracy"] for k in ("always1", "always2", "oracle")}
+    over = results["overthinking"]
+    return (f"oracle (AlwaysIterate weights, next-token acc.): always-1 {acc['always1']:.1%}, "
+            f"always-2 {acc['always2']:.1%}, oracle {acc['oracle']:.1%}\n"
+            f"latent overthinking: depth 1 turns {over.get('overthink_share', 0):.1%} of the tokens right after "
+            f"depth 0 wrong, and fixes {over.get('fix_share', 0):.1%} of the wrong ones")
+
+
+def _losses(recipe_json: Path) -> list[float]:
+    import json
+
+    return [e["loss"] for e in json.loads(recipe_json.read_text())["log_history"] if "loss" in e]
+
+
+def _decider_metrics(recipe_json: Path) -> dict:
+    import json
+
+    logs = [e for e in json.loads(recipe_json.read_text())["log_history"] if "decider_accuracy" in e]
+    return {k: logs[-1][k] for k in ("decider_accuracy", "decider_precision", "decider_recall")} if logs else {}
+
+
+def _label_stats(labeled: Path) -> dict:
+    import json
+
+    stats = labeled / "stats.json"
+    return json.loads(stats.read_text()) if stats.is_file() else {}
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    import torch
+
+    return f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+
+
+def _copy(src: Path, dst: Path) -> None:
+    import os
+    import shutil
+
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

@@ -122,6 +122,8 @@ def _model(recipe: Recipe) -> TaHForCausalLM:
         return TaHForCausalLM.from_base(lm, config)
     model = TaHForCausalLM.from_pretrained(source, dtype=torch.float32)
     old = model.tah_config
+    if old.max_iter == 1 and recipe.stage == 1:  # a one-pass checkpoint is a base model: fresh adapters
+        return TaHForCausalLM.from_base(model.lm, config)
     architecture = ("max_iter", "lora_rank", "lora_target_modules", "lora_per_depth")
     changed = [k for k in architecture if recipe.tah.get(k, getattr(old, k)) != getattr(old, k)]
     if changed:

@@ -1,0 +1,136 @@
+"""The demo's experiment, stage by stage, through the same CLI a researcher runs on Qwen3:
+
+    data      train.jsonl / heldout.jsonl of the arithmetic task, the char tokenizer
+    pretrain  `tah train` (baseline standard) of a random tiny Qwen3: the base, good but imperfect
+    label     `tah label` of train and held-out data with the base as the reference
+    prune     `tah prune --layers 1` of the base (for "TaH": parameters match Standard)
+    train     Standard, AlwaysIterate, TaH+ (stage 1 + 2), TaH (pruned, stage 1 + 2): equal budgets
+    evaluate  answers by greedy generation, teacher-forced next-token accuracy, iterated share
+
+Each stage's own output (Trainer logs and the like) goes to OUT/logs/<stage>.log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from tah.errors import TaHError
+from tah.toy.task import TaskConfig, make_splits, to_jsonl
+from tah.toy.tokenizer import build_char_tokenizer
+
+RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "tiny-cpu"
+
+
+@dataclass
+class DemoSettings:
+    """Sizes and budgets of one demo run. Fine-tuning budgets are equal across the four models;
+    stage 2 (decider only) gets `decider_steps` on top, as in the paper."""
+
+    task: TaskConfig = field(default_factory=lambda: TaskConfig.quick(train_size=3000, heldout_size=200))
+    hidden: int = 64
+    layers: int = 3
+    heads: int = 4
+    pretrain_steps: int = 700
+    finetune_steps: int = 600
+    decider_steps: int = 150
+    batch_size: int = 32
+    pretrain_lr: float = 3e-3
+    finetune_lr: float = 3e-3
+    decider_lr: float = 3e-3
+    pos_weight: float = 3.0
+    threshold: float = 0.5
+    max_length: int = 96
+    eval_problems: int = 200
+    samples: int = 6
+
+    @classmethod
+    def quick(cls) -> DemoSettings:
+        """About a minute: two-operand problems, a narrower model, a few hundred steps."""
+        return cls(task=TaskConfig.quick(terms=(2, 2), train_size=2000, heldout_size=100), hidden=48,
+                   pretrain_steps=500, finetune_steps=150, decider_steps=60, eval_problems=100, samples=4)
+
+
+def recipe_path(name: str) -> Path:
+    """recipes/tiny-cpu/<name>.yaml, from the source tree or the installed package's data."""
+    path = RECIPES / f"{name}.yaml"
+    if not path.is_file():
+        raise TaHError(f"the demo needs {path}; run it from a checkout of the repository (pip install -e .)")
+    return path
+
+
+class Stages:
+    """Runs the CLI stages of one seed under `root`, logging each to root/logs/<stage>.log."""
+
+    def __init__(self, root: Path, settings: DemoSettings, seed: int) -> None:
+        self.root, self.settings, self.seed = root, settings, seed
+        (root / "logs").mkdir(parents=True, exist_ok=True)
+
+    def cli(self, log: str, *argv: str) -> float:
+        """Run `tah ARGV` with its stdout in logs/<log>.log; returns the seconds it took."""
+        from tah.cli import main
+
+        started = time.perf_counter()
+        with open(self.root / "logs" / f"{log}.log", "a") as sink, contextlib.redirect_stdout(sink):
+            code = main(list(argv))
+        if code:
+            raise TaHError(f"demo stage `tah {' '.join(argv[:1])}` failed (exit {code}); see {self.root}/logs/{log}.log")
+        return time.perf_counter() - started
+
+    def data(self) -> tuple[list, list]:
+        train, heldout = make_splits(replace(self.settings.task, seed=self.seed))
+        to_jsonl(train, self.root / "data" / "train.jsonl")
+        to_jsonl(heldout, self.root / "data" / "heldout.jsonl")
+        to_jsonl(train[:256], self.root / "data" / "calibration.jsonl")
+        return train, heldout
+
+    def init_model(self) -> Path:
+        """A random tiny Qwen3 with the char tokenizer, saved as an HF model directory."""
+        s = self.settings
+        tokenizer = build_char_tokenizer()
+        torch.manual_seed(self.seed)
+        config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=s.hidden, intermediate_size=3 * s.hidden,
+                             num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.heads // 2,
+                             head_dim=s.hidden // s.heads, max_position_embeddings=4 * s.max_length,
+                             tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        path = self.root / "models" / "init"
+        Qwen3ForCausalLM(config).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return path
+
+    def train(self, recipe: str, out: str, model: Path, data: Path, steps: int, lr: float, **extra) -> tuple[Path, float]:
+        s = self.settings
+        sets = {"model": model, "data": data, "output_dir": self.root / "runs" / out, "max_length": s.max_length,
+                "training.max_steps": steps, "training.learning_rate": lr, "training.seed": self.seed,
+                "training.per_device_batch_size": s.batch_size, "training.effective_batch_size": s.batch_size,
+                "training.logging_steps": max(steps // 10, 1), "training.save_steps": steps,
+                "training.save_total_limit": 1, "training.warmup_ratio": 0.05, **extra}
+        argv = ["train", "--config", str(recipe_path(recipe))]
+        for key, value in sets.items():
+            argv += ["--set", f"{key}={value}"]
+        seconds = self.cli(out, *argv)
+        return self.root / "runs" / out / "final", seconds
+
+    def label(self, model: Path, split: str) -> tuple[Path, float]:
+        out = self.root / "data" / f"labeled-{split}"
+        seconds = self.cli(f"label-{split}", "label", "--model", str(model), "--data",
+                           str(self.root / "data" / f"{split}.jsonl"), "--out", str(out), "--max-length",
+                           str(self.settings.max_length), "--batch-size", "64")
+        return out, seconds
+
+    def prune(self, model: Path) -> tuple[Path, float]:
+        out = self.root / "models" / "pruned"
+        seconds = self.cli("prune", "prune", "--model", str(model), "--data",
+                           str(self.root / "data" / "calibration.jsonl"), "--out", str(out), "--layers", "1",
+                           "--max-length", str(self.settings.max_length), "--batch-size", "32")
+        return out, seconds
+
+
+def settings_dict(settings: DemoSettings) -> dict:
+    return asdict(settings)
