@@ -199,8 +199,9 @@ def demo_table(results: dict) -> Table:
 
 
 def analysis_lines(results: dict) -> str:
-    run = results["runs"][0]["depth_analysis"]
-    acc = {k: run[k]["accuracy"] for k in ("always1", "always2", "oracle")}
+    """The oracle and overthinking analyses (AlwaysIterate weights), averaged over seeds."""
+    runs = [run["depth_analysis"] for run in results["runs"]]
+    acc = {k: statistics.fmean(run[k]["accuracy"] for run in runs) for k in ("always1", "always2", "oracle")}
     over = results["overthinking"]
     return (f"oracle (AlwaysIterate weights, next-token acc.): always-1 {acc['always1']:.1%}, "
             f"always-2 {acc['always2']:.1%}, oracle {acc['oracle']:.1%}\n"
