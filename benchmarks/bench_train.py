@@ -1,0 +1,110 @@
+"""Training-step speed of TaH stage 1 (10% of tokens hard) vs plain SFT of the same model.
+
+The ~41M random Qwen3 of bench_decode.py (vocab 32000, hidden 512, 8 layers), float32, 2 threads,
+sequence length 1024, batch 2 (2048 tokens a step). One step = forward + backward + AdamW step.
+  SFT:     the bare HF model with `labels`; every parameter trains.
+  stage 1: `TaHForCausalLM` (max_iter 2, LoRA r16 alpha 32 on every linear, MLP decider, stage 1)
+           with `labels` and `iter_labels` (a random 10% of positions 2, the rest 1); base + LoRA
+           train, the decider is frozen.
+Each figure is the median of --steps timed steps after --warmup untimed ones, the two models
+alternating step by step so that load from other processes hits both alike. Prints tokens/s of
+both and the ratio, by wall clock and by process CPU time (the latter is steadier on a shared machine:
+time this process waits for a core does not count). Usage: python benchmarks/bench_train.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from bench_decode import base_model
+from rich.console import Console
+from rich.table import Table
+
+from tah import TaHConfig, TaHForCausalLM
+
+
+def stage1_model(lm) -> TaHForCausalLM:
+    config = TaHConfig(max_iter=2, lora_rank=16, lora_alpha=32.0, decider="mlp", training_stage=1)
+    model = TaHForCausalLM.from_base(lm, config).train()
+    with torch.no_grad():
+        for module in model.lora.values():
+            for b in module.lora_B:
+                b.normal_(0, 0.01)  # a trained-looking adapter: small, not zero
+    return model
+
+
+def make_step(model, batch: dict[str, torch.Tensor]):
+    """A closure running one training step (forward, backward, AdamW) on `batch`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step, sum(p.numel() for p in params)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--hard", type=float, default=0.1, help="share of tokens that take a second pass")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="length 256, 1 warmup step, 3 timed steps")
+    args = parser.parse_args()
+    if args.quick:
+        args.length, args.warmup, args.steps = 256, 1, 3
+    torch.set_num_threads(2)
+    console = Console(width=140)
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 32000, (args.batch, args.length), generator=gen)
+    iter_labels = torch.where(torch.rand(ids.shape, generator=gen) < args.hard, 2, 1)
+    bare = base_model()
+    sft = copy.deepcopy(bare).train()
+    tah = stage1_model(bare)
+    steps = {
+        "plain SFT": make_step(sft, dict(input_ids=ids, labels=ids)),
+        "TaH stage 1": make_step(tah, dict(input_ids=ids, labels=ids, iter_labels=iter_labels)),
+    }
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(args.warmup + args.steps):
+        for name, (step, _) in steps.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            step()
+            if i >= args.warmup:
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+        timed = i >= args.warmup
+        console.print(f"step {i + 1}/{args.warmup + args.steps}" + ("" if timed else " (warmup)") + "  "
+                      + "  ".join(f"{n}: {t[-1]:.2f}s" for n, t in wall.items() if timed), style="dim")
+
+    tokens = args.batch * args.length
+    speed = {name: tokens / statistics.median(t) for name, t in wall.items()}
+    cpu_speed = {name: tokens / statistics.median(t) for name, t in cpu.items()}
+    table = Table(title=f"training step: batch {args.batch} x {args.length} tokens, float32, 2 threads, "
+                        f"{args.hard:.0%} hard, median of {args.steps} steps")
+    for col in ("model", "trainable params", "s/step", "tokens/s", "vs SFT", "CPU s/step", "tokens/CPU-s",
+                "vs SFT (CPU)"):
+        table.add_column(col, justify="right")
+    for name in steps:
+        table.add_row(name, f"{steps[name][1] / 1e6:.1f}M", f"{statistics.median(wall[name]):.3f}",
+                      f"{speed[name]:.1f}", f"{speed[name] / speed['plain SFT']:.3f}",
+                      f"{statistics.median(cpu[name]):.3f}", f"{cpu_speed[name]:.1f}",
+                      f"{cpu_speed[name] / cpu_speed['plain SFT']:.3f}")
+    console.print(table)
+    console.print(f"stage 1 / plain SFT tokens/s: {speed['TaH stage 1'] / speed['plain SFT']:.3f} (wall clock), "
+                  f"{cpu_speed['TaH stage 1'] / cpu_speed['plain SFT']:.3f} (process CPU time)")
+
+if __name__ == "__main__":
+    main()
