@@ -115,11 +115,12 @@ def write_results(results: dict, path: str | os.PathLike) -> Path:
 
 
 def plot_sweep(sweep: list[dict], path: str | os.PathLike, references: dict | None = None,
-               title: str = "Decider threshold sweep") -> Path:
+               title: str = "Decider threshold sweep", label: str = "TaH (sweep)") -> Path:
     """PNG of a `threshold_sweep`: left, next-token accuracy (and answer accuracy if present) and
     iterated share against the threshold; right, accuracy against iterated share (the compute-
     accuracy trade-off), with `references` {name: {"iterated_share", "accuracy"}} (e.g. Standard,
-    AlwaysIterate) as labelled points. Written atomically; returns the path."""
+    AlwaysIterate) as labelled points; `label` names the swept model. Written atomically; returns
+    the path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -136,7 +137,7 @@ def plot_sweep(sweep: list[dict], path: str | os.PathLike, references: dict | No
     left.plot(x, [p["iterated_share"] for p in points], "^--", label="iterated share")
     left.set(xlabel="decider threshold", ylabel="share", ylim=(-0.02, 1.02), title="against the threshold")
     left.legend(loc="best", fontsize="small")
-    right.plot([p["iterated_share"] for p in points], [p["accuracy"] for p in points], "o-", label="TaH (sweep)")
+    right.plot([p["iterated_share"] for p in points], [p["accuracy"] for p in points], "o-", label=label)
     for name, ref in (references or {}).items():
         right.scatter([ref["iterated_share"]], [ref["accuracy"]], marker="*", s=120, zorder=3)
         right.annotate(name, (ref["iterated_share"], ref["accuracy"]), textcoords="offset points", xytext=(5, 5))
