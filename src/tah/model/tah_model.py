@@ -24,6 +24,7 @@ from tah.model.cache import TaHCache
 from tah.model.decider import Decider, MLPDecider, build_decider
 from tah.model.lora import DepthLoRALinear, DepthState, add_depth_lora
 from tah.model.packing import Packing
+from tah.model.sdpa import use_tah_sdpa
 from tah.model.soft_input import soft_embedding
 
 
@@ -78,6 +79,7 @@ class TaHForCausalLM(nn.Module):
                 f"{type(lm).__name__} uses sliding-window attention layers, which the duo-causal attention "
                 "does not implement yet; use a model with full attention (e.g. Qwen3, Llama)"
             )
+        use_tah_sdpa(lm)  # HF's sdpa without its KV-head copies under a mask on CPU
         self.lm = lm
         self.tah_config = config
         self.num_layers = text_config.num_hidden_layers

@@ -1,0 +1,58 @@
+"""`tah_sdpa`: HF's sdpa attention without the KV-head copy under a mask on CPU, same results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from tah import TaHConfig, TaHForCausalLM
+from tah.model.sdpa import NAME, tah_sdpa_attention
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+
+
+@pytest.mark.parametrize("queries", [1, 2, 7])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_matches_hf_sdpa_with_a_mask(queries, groups):
+    gen = torch.Generator().manual_seed(queries * 10 + groups)
+    b, kv, s, d = 2, 2, 11, 8
+    query = torch.randn(b, kv * groups, queries, d, generator=gen)
+    key, value = torch.randn(b, kv, s, d, generator=gen), torch.randn(b, kv, s, d, generator=gen)
+    visible = torch.rand(b, 1, queries, s, generator=gen) > 0.3
+    visible[..., 0] = True  # every query sees something
+    mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    layer = _Layer(groups)
+    ours, _ = tah_sdpa_attention(layer, query, key, value, mask, scaling=d ** -0.5)
+    theirs, _ = sdpa_attention_forward(layer, query, key, value, mask, scaling=d ** -0.5)
+    assert ours.shape == theirs.shape == (b, queries, kv * groups, d)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_wrapping_switches_sdpa_models_and_keeps_their_outputs():
+    config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    torch.manual_seed(0)
+    bare = Qwen3ForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding: HF builds a mask, so the grouped-heads path runs
+    expected = bare(ids, attention_mask=mask).logits
+    model = TaHForCausalLM.from_base(bare, TaHConfig(max_iter=2, decider="never")).eval()
+    assert model.lm.config._attn_implementation == NAME
+    got = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_other_implementations_are_left_alone():
+    config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    lm = Qwen3ForCausalLM._from_config(config, attn_implementation="eager")
+    TaHForCausalLM.from_base(lm, TaHConfig(max_iter=2, decider="never"))
+    assert lm.config._attn_implementation == "eager"
