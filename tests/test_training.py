@@ -67,6 +67,28 @@ def test_stage1_gradients_reach_lora_and_base_but_not_decider():
         assert p.grad is None
 
 
+def test_stage1_gradients_equal_plain_autograd_indexing(monkeypatch):
+    """The sparse-gradient gather of the hard tokens' depth-0 logits changes no gradient."""
+    import tah.model.tah_model as tah_model
+
+    ids, mask, labels, iter_labels = batch()
+
+    def gradients():
+        torch.manual_seed(0)
+        model = tiny_tah(max_iter=MAX_ITER).train()
+        for module in model.lora.values():  # non-zero adapters, so every path carries gradient
+            torch.nn.init.normal_(module.lora_B[0], std=0.1)
+        model(ids, mask, labels=labels, iter_labels=iter_labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fast = gradients()
+    monkeypatch.setattr(tah_model._GatherRows, "apply", staticmethod(lambda acc, rows, cols: acc[rows, cols]))
+    plain = gradients()
+    assert fast.keys() == plain.keys() and len(fast) > 10
+    for name, grad in plain.items():
+        torch.testing.assert_close(fast[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_stage1_loss_is_shifted_cross_entropy_of_returned_logits():
     model = tiny_tah(max_iter=MAX_ITER).train()
     ids, mask, labels, iter_labels = batch(lengths=(10, 12, 7))

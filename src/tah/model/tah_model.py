@@ -41,31 +41,27 @@ class TaHOutput(ModelOutput):
     decider_targets: torch.Tensor | None = None  # stage 2: (N,) 1.0 where the oracle says continue
 
 
-class _TakeRows(torch.autograd.Function):
-    """(acc, acc[rows, cols]): the accumulated logits (B, T, V) of the tokens that go one pass deeper.
+class _GatherRows(torch.autograd.Function):
+    """acc[rows, cols] for acc (B, T, V): the depth-0 logits of the tokens that go one pass deeper.
 
-    Same values as indexing; the point is the backward. Autograd's own would build the gradient of
-    the few gathered rows in a zero (B, T, V) tensor and then add it to acc's gradient (two more
-    (B, T, V) buffers, ~10% of a CPU training step); here both gradients arrive together and the rows
-    are added into one copy of acc's gradient. acc comes back as the same tensor (marked dirty, as an
-    in-place op would), so later in-place adds to it need no copy either.
+    Same values as indexing; the point is the backward. Indexing's own would build the few rows'
+    gradient in a zero (B, T, V) tensor and add it to acc's dense gradient (two more full-size
+    buffers, ~10% of a CPU training step). Here it goes back as a sparse (B, T, V) tensor, which the
+    autograd engine adds into acc's dense gradient in place when nothing else holds it (a scatter
+    of the rows). acc must also receive a dense gradient (it does: every loss reads the logits).
     """
 
     @staticmethod
-    def forward(ctx, acc: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
-        ctx.mark_dirty(acc)
+    def forward(ctx, acc: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(rows, cols)
         ctx.shape = acc.shape
-        return acc, acc[rows, cols]
+        return acc[rows, cols]
 
     @staticmethod
-    def backward(ctx, grad_acc: torch.Tensor | None, grad_rows: torch.Tensor | None):
+    def backward(ctx, grad_rows: torch.Tensor):
         rows, cols = ctx.saved_tensors
-        if grad_rows is None:
-            return grad_acc, None, None
-        if grad_acc is None:
-            return grad_rows.new_zeros(ctx.shape).index_put_((rows, cols), grad_rows, accumulate=True), None, None
-        return grad_acc.index_put((rows, cols), grad_rows, accumulate=True), None, None
+        grad = torch.sparse_coo_tensor(torch.stack([rows, cols]), grad_rows, ctx.shape, check_invariants=False)
+        return grad, None, None
 
 
 class TaHForCausalLM(nn.Module):
@@ -234,7 +230,7 @@ class TaHForCausalLM(nn.Module):
                 break
             rows, cols = packing.rows[go_on_flat], packing.cols[go_on_flat]
             if acc is logits:  # depth 0 over every token: acc is (B, T, V), its rows are the packed tokens
-                acc, carry = _TakeRows.apply(acc, rows, cols)
+                carry = _GatherRows.apply(acc, rows, cols) if torch.is_grad_enabled() else acc[rows, cols]
             else:
                 carry = flat_acc[go_on_flat if need is None else go_on_flat[need]]
             packing = Packing.select(rows, cols, batch)
