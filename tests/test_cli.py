@@ -54,3 +54,10 @@ def test_bad_request_is_a_clear_error_not_a_traceback(saved_model, capsys):
     assert "max_new_tokens" in capsys.readouterr().err
     assert main(["generate", "--model", str(saved_model / "missing"), "--prompt", "abc"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seeds", ["0", "-2"])
+def test_demo_rejects_a_seed_count_below_one_before_doing_anything(seeds, tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "out"), "--seeds", seeds]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
