@@ -34,11 +34,16 @@ def tah_model(lm, rate: float | None) -> TaHForCausalLM:
     """rate None: the `never` decider (the engine at one pass); else `random` at that rate."""
     config = TaHConfig(max_iter=2, decider="never" if rate is None else "random", random_rate=rate or 0.0, seed=0,
                        lora_rank=16, lora_alpha=32.0)
-    model = TaHForCausalLM.from_base(lm, config).eval()
+    return with_small_adapters(TaHForCausalLM.from_base(lm, config).eval())
+
+
+def with_small_adapters(model: TaHForCausalLM) -> TaHForCausalLM:
+    """Give every LoRA B small random weights: a trained-looking adapter (zero would skip no work,
+    but would make depth >= 1 an exact copy of depth 0)."""
     with torch.no_grad():
         for module in model.lora.values():
             for b in module.lora_B:
-                b.normal_(0, 0.01)  # a trained-looking adapter: small, not zero
+                b.normal_(0, 0.01)
     return model
 
 

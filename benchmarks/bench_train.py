@@ -20,7 +20,7 @@ import statistics
 import time
 
 import torch
-from bench_decode import base_model
+from bench_decode import base_model, with_small_adapters
 from rich.console import Console
 from rich.table import Table
 
@@ -29,12 +29,7 @@ from tah import TaHConfig, TaHForCausalLM
 
 def stage1_model(lm) -> TaHForCausalLM:
     config = TaHConfig(max_iter=2, lora_rank=16, lora_alpha=32.0, decider="mlp", training_stage=1)
-    model = TaHForCausalLM.from_base(lm, config).train()
-    with torch.no_grad():
-        for module in model.lora.values():
-            for b in module.lora_B:
-                b.normal_(0, 0.01)  # a trained-looking adapter: small, not zero
-    return model
+    return with_small_adapters(TaHForCausalLM.from_base(lm, config).train())
 
 
 def make_step(model, batch: dict[str, torch.Tensor]):

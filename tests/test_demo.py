@@ -97,7 +97,7 @@ def test_samples_html_colours_every_solution_token(demo):
     parser = _Spans()
     parser.feed((demo["out"] / "samples.html").read_text(encoding="utf-8"))
     heldout = load_labeled(demo["out"] / "seed-0" / "data" / "labeled-heldout")
-    expected = [sum(label != -100 for label in heldout[i]["labels"][1:]) + 0 for i in range(len(parser.samples))]
+    expected = [sum(label != -100 for label in heldout[i]["labels"][1:]) for i in range(len(parser.samples))]
     assert len(parser.samples) == demo["results"]["settings"]["samples"]
     assert [len(s) for s in parser.samples] == expected
     assert {p for s in parser.samples for p in s} <= {1, 2}

@@ -13,14 +13,16 @@ then, with equal training budgets, Standard (one pass), AlwaysIterate, TaH+ (all
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from tah.toy.pipeline import DemoSettings, Stages, settings_dict
+from tah.toy.pipeline import DemoSettings, Stages
 
 MODELS = ("Standard", "AlwaysIterate", "TaH+", "TaH")
 SWEPT = "TaH+"  # the model of sweep.png and samples.html
@@ -180,7 +182,7 @@ def summarise(runs: list[dict], settings: DemoSettings, quick: bool, total: floa
             "date": time.strftime("%Y-%m-%d"), "machine": _machine(), "models": rows, "std": spread,
             "overthinking": {k: statistics.fmean(o[k] for o in overthinking if o[k] is not None)
                              for k in ("overthink_share", "fix_share") if any(o[k] is not None for o in overthinking)},
-            "settings": settings_dict(settings), "runs": runs, "total_time_s": total}
+            "settings": asdict(settings), "runs": runs, "total_time_s": total}
 
 
 def demo_table(results: dict) -> Table:
@@ -214,21 +216,15 @@ def analysis_lines(results: dict) -> str:
 
 
 def _losses(recipe_json: Path) -> list[float]:
-    import json
-
     return [e["loss"] for e in json.loads(recipe_json.read_text())["log_history"] if "loss" in e]
 
 
 def _decider_metrics(recipe_json: Path) -> dict:
-    import json
-
     logs = [e for e in json.loads(recipe_json.read_text())["log_history"] if "decider_accuracy" in e]
     return {k: logs[-1][k] for k in ("decider_accuracy", "decider_precision", "decider_recall")} if logs else {}
 
 
 def _label_stats(labeled: Path) -> dict:
-    import json
-
     stats = labeled / "stats.json"
     return json.loads(stats.read_text()) if stats.is_file() else {}
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -130,7 +130,3 @@ class Stages:
                            str(self.root / "data" / "calibration.jsonl"), "--out", str(out), "--layers", "1",
                            "--max-length", str(self.settings.max_length), "--batch-size", "32")
         return out, seconds
-
-
-def settings_dict(settings: DemoSettings) -> dict:
-    return asdict(settings)
