@@ -3,7 +3,7 @@
 A random-init Qwen3 of ~41M parameters (vocab 32000, hidden 512, 8 layers, 8 heads / 4 KV heads,
 head_dim 64, MLP 1536, tied embeddings), float32, 2 threads; greedy; the `random` decider makes a
 chosen share of tokens iterate (max_iter 2). Every figure is a ratio measured in this one run
-(median of --repeats runs). Usage: python benchmarks/bench_decode.py [--quick]
+(median of --repeats runs, taken round-robin after a warm-up). Usage: python benchmarks/bench_decode.py [--quick]
 """
 
 from __future__ import annotations
@@ -47,18 +47,19 @@ def with_small_adapters(model: TaHForCausalLM) -> TaHForCausalLM:
     return model
 
 
-def median_time(fn, repeats: int) -> tuple[float, object]:
-    times, result = [], None
+def interleaved_medians(runs: dict, repeats: int) -> dict:
+    """{name: fn} -> {name: (median seconds, last result)}. Round-robin repeats after one warm-up
+    each, so a slow spell of this noisy machine hits every engine alike instead of one."""
+    for fn in runs.values():
+        fn()
+    times = {name: [] for name in runs}
+    results = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
-def kv_entry_bytes(lm) -> int:
-    c = lm.config
-    return c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), results[name]) for name in runs}
 
 
 def main() -> None:
@@ -76,7 +77,7 @@ def main() -> None:
     console = Console(width=150)
     bare = base_model()
     models = {rate: tah_model(copy.deepcopy(bare), rate) for rate in [None, *args.rates]}
-    table = Table(title=f"decode: {args.new_tokens} new tokens, greedy, float32, 2 threads, median of {args.repeats}")
+    table = Table(title=f"decode: {args.new_tokens} new tokens, greedy, float32, 2 threads, median of {args.repeats} interleaved")
     for col in ("batch", "context", "engine", "tokens/s", "vs never", "never vs HF", "iterated", "KV vs base",
                 "draft accept"):
         table.add_column(col, justify="right")
@@ -85,16 +86,17 @@ def main() -> None:
         for context in args.contexts:
             ids = torch.randint(3, 32000, (batch, context), generator=gen)
             new = args.new_tokens
-            hf_time, _ = median_time(lambda ids=ids, new=new: bare.generate(
+            runs = {"HF": lambda ids=ids, new=new: bare.generate(
                 ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new, min_new_tokens=new,
-                pad_token_id=0), args.repeats)
-            never_time = None
-            for rate in [None, *args.rates]:
+                pad_token_id=0)}
+            for rate, model in models.items():
+                runs[rate] = lambda m=model, ids=ids, new=new: generate(m, ids, max_new_tokens=new)
+            measured = interleaved_medians(runs, args.repeats)
+            hf_time = measured["HF"][0]
+            never_time = measured[None][0]
+            for rate in models:
                 label = "never" if rate is None else f"random {rate:.0%}"
-                seconds, out = median_time(lambda m=models[rate], ids=ids, new=new: generate(m, ids, max_new_tokens=new),
-                                           args.repeats)
-                if never_time is None:
-                    never_time = seconds
+                seconds, out = measured[rate]
                 stats = out.stats
                 iterated = (out.iter_counts > 1).float().mean().item()
                 row = (str(batch), str(context), label, f"{batch * new / seconds:.1f}",

@@ -254,3 +254,18 @@ def test_random_decider_share_matches_the_rate():
         for depth in (0, 1, 2):
             go_on, _ = RandomDecider(0.3, seed)(None, None, positions, depth)
             assert 0.25 <= go_on.float().mean().item() <= 0.35, (seed, depth)
+
+
+def test_random_decider_lookup_equals_the_hash_as_its_table_grows():
+    from tah.model.decider import RandomDecider
+
+    decider = RandomDecider(0.4, seed=5)
+    gen = torch.Generator().manual_seed(0)
+    for high in (10, 1500, 5000):  # the table starts at 1024 positions and doubles
+        positions = torch.randint(0, high, (3, 7), generator=gen)
+        depth = torch.randint(0, 3, (3, 7), generator=gen)
+        go_on, _ = decider(None, None, positions, depth)
+        assert torch.equal(go_on, decider.draw(positions, depth))
+        for d in (0, 2, 4):
+            assert torch.equal(decider(None, None, positions, d)[0], decider.draw(positions, d))
+    assert decider._table.shape[1] > 4096  # grew twice

@@ -195,3 +195,11 @@ def test_stop_strings_end_a_row():
     out = generate(model, ids, mask, max_new_tokens=12, stop_strings=[stop], tokenizer=CharTokenizer())
     produced = int((out.iter_counts[0] > 0).sum())
     assert produced <= 5 and stop in CharTokenizer().decode(out.sequences[0, 5:5 + produced].tolist())
+
+
+def test_greedy_picks_the_first_of_tied_maxima_like_argmax():
+    from tah.generation.sampling import greedy_tokens
+
+    logits = torch.randint(0, 3, (64, 500)).float()  # many ties per row
+    logits[5] = 0.0
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))

@@ -111,37 +111,46 @@ class Decoder:
         return self._output(input_ids)
 
     def _step(self) -> None:
-        deep = [b for b, r in enumerate(self.rows) if not r.done and r.deep_depth > 0]
-        shallow = [b for b, r in enumerate(self.rows) if not r.done and r.feed is not None]
+        live = [b for b, r in enumerate(self.rows) if not r.done]
+        deep = [b for b in live if self.rows[b].deep_depth > 0]
+        shallow = [b for b in live if self.rows[b].feed is not None]
         normal = [b for b in shallow if self.rows[b].draft is None]  # not a draft awaiting its verdict
         logits, hidden, cols = self._forward(deep, shallow)
         self.stats.forwards += 1
-        # Everything computed on the device first, then one sync for all the small results.
-        sh = self._shallow_results(shallow, logits, hidden, cols[1]) if shallow else None
+        # The deep results stay on the device until the shallow ones sync (one stall per step).
         dp = self._deep_results(deep, logits, hidden, cols[0]) if deep else None
-        sh_hard, sh_next = (sh[0].tolist(), sh[1].tolist()) if sh else ([], [])
-        slots = self.cache.last_slots[shallow, cols[1]].tolist() if shallow else []
-        for b, hard, nxt, slot in zip(shallow, sh_hard, sh_next, slots, strict=True):
-            row = self.rows[b]
-            if row.draft is not None:  # the draft ran beside its hard token: wait for the verdict
-                row.draft_ran, row.draft_slot, row.draft_hard, row.draft_next = True, slot, hard, nxt
+        sh_hard, sh_next = self._shallow_results(shallow, logits, hidden, cols[1]) if shallow else ([], [])
+        waiting = [i for i, b in enumerate(shallow) if self.rows[b].draft is not None]
+        if waiting:  # the draft ran beside its hard token: wait for the verdict
+            slots = self.cache.last_slots[:, cols[1]].tolist()
+            for i in waiting:
+                row = self.rows[shallow[i]]
+                row.draft_ran, row.draft_slot, row.draft_hard, row.draft_next = True, slots[shallow[i]], sh_hard[i], sh_next[i]
                 row.feed = None
         self.copies: list[tuple[int, str]] = []
         self.rollbacks: list[tuple[int, int]] = []
-        if dp:
-            for b, go_on, final_token, accepted in zip(deep, *[t.tolist() for t in dp], strict=True):
+        if dp is not None:
+            for b, go_on, final_token, accepted in zip(deep, *dp.tolist(), strict=True):
                 self._after_deep(self.rows[b], b, bool(go_on), final_token, bool(accepted))
         for b, hard, nxt in zip(shallow, sh_hard, sh_next, strict=True):
             if b in normal:
-                self._after_shallow(self.rows[b], b, bool(hard), nxt)
+                self._after_shallow(self.rows[b], b, hard, nxt)
         self._apply_copies()
 
     # -- device work ---------------------------------------------------------------------------
     def _forward(self, deep: list[int], shallow: list[int]):
+        """One model forward: column 0 holds the deep queries, the last column the shallow ones."""
         batch = len(self.rows)
+        device = self.deep_acc.device
+        need_hidden = self.decides and bool(self.model.decider.needs_hidden)
+        if not deep and len(shallow) == batch:  # the plain step: one depth-0 token per row
+            feed = torch.tensor([row.feed for row in self.rows], device=device)
+            positions = torch.tensor([[row.next_pos] for row in self.rows], device=device)
+            real = torch.ones(batch, 1, dtype=torch.bool, device=device)
+            logits, hidden = self.model.run_pass(self.embed(feed)[:, None], positions, real, 0, self.cache, need_hidden)
+            return logits, hidden, (0, 0)
         width = int(bool(deep)) + int(bool(shallow))
         col_deep, col_shallow = 0, width - 1
-        device = self.deep_acc.device
         hidden_size = self.embed.weight.shape[1]
         inputs = torch.zeros(batch, width, hidden_size, device=device, dtype=self.embed.weight.dtype)
         positions = torch.zeros(batch, width, dtype=torch.long, device=device)
@@ -160,33 +169,43 @@ class Decoder:
             real[idx, col_shallow] = True
         depths = {self.rows[b].deep_depth for b in deep} | ({0} if shallow else set())
         depth_arg = depths.pop() if len(depths) == 1 else depth
-        logits, hidden = self.model.run_pass(inputs, positions, real, depth_arg, self.cache,
-                                             need_hidden=self.decides and bool(self.model.decider.needs_hidden))
+        logits, hidden = self.model.run_pass(inputs, positions, real, depth_arg, self.cache, need_hidden)
         return logits, hidden, (col_deep, col_shallow)
 
     def _decide(self, acc: torch.Tensor, hidden, rows: list[int], col: int, positions: list[int],
                 depths: list[int]) -> torch.Tensor:
         """(N, V) accumulated logits of queries (rows, col) -> (N,) bool: run another pass."""
         device = acc.device
-        idx = torch.tensor(rows, device=device)
-        picked = None if hidden is None else tuple(h[idx, col][:, None] if h is not None else None for h in hidden)
+        picked = None
+        if hidden is not None:
+            idx = torch.tensor(rows, device=device)
+            picked = tuple(h[idx, col][:, None] if h is not None else None for h in hidden)
         pos = torch.tensor(positions, device=device)[:, None]
-        depth = torch.tensor(depths, device=device)[:, None]
+        same = all(d == depths[0] for d in depths)  # an int depth spares the decider a tensor
+        depth = depths[0] if same else torch.tensor(depths, device=device)[:, None]
         go_on, _ = self.model.decider(acc[:, None], picked, pos, depth)
         return go_on[:, 0]
 
-    def _shallow_results(self, shallow, logits, hidden, col):
-        idx = torch.tensor(shallow, device=logits.device)
-        l0 = logits[idx, col]
-        self.res_l0[idx] = l0
+    def _shallow_results(self, shallow, logits, hidden, col) -> tuple[list[bool], list[int]]:
+        """Pick each shallow query's next token and decide whether it is hard (synced to Python).
+        Only hard tokens' depth-0 logits (and sampling distributions) are kept: their deeper passes
+        and drafts start from them."""
+        every_row = len(shallow) == len(self.rows)
+        idx = None if every_row else torch.tensor(shallow, device=logits.device)
+        l0 = logits[:, col] if every_row else logits[idx, col]
         nxt, q = self.sampler.pick(l0)
-        if q is not None:
-            self.res_q[idx] = q
-        if self.decides:
-            hard = self._decide(l0, hidden, shallow, col, [self.rows[b].next_pos for b in shallow], [0] * len(shallow))
-        else:
-            hard = torch.zeros(len(shallow), dtype=torch.bool, device=logits.device)
-        return hard, nxt
+        if not self.decides:
+            return [False] * len(shallow), nxt.tolist()
+        hard = self._decide(l0, hidden, shallow, col, [self.rows[b].next_pos for b in shallow], [0] * len(shallow))
+        hard_list, next_list = torch.stack([hard.long(), nxt]).tolist()
+        hard_at = [i for i, h in enumerate(hard_list) if h]
+        if hard_at:
+            at = torch.tensor(hard_at, device=logits.device)
+            rows = torch.tensor([shallow[i] for i in hard_at], device=logits.device)
+            self.res_l0[rows] = l0[at]
+            if q is not None:
+                self.res_q[rows] = q[at]
+        return [bool(h) for h in hard_list], next_list
 
     def _deep_results(self, deep, logits, hidden, col):
         device = logits.device
@@ -202,14 +221,14 @@ class Decoder:
         drafts = [self.rows[b].draft for b in deep]
         if all(d is None for d in drafts):
             tokens, _ = self.sampler.pick(acc)
-            return go_on, tokens, torch.zeros_like(go_on)
+            return torch.stack([go_on.long(), tokens, torch.zeros_like(tokens)])
         has_draft = torch.tensor([d is not None for d in drafts], device=device)
         draft_tokens = torch.tensor([d if d is not None else 0 for d in drafts], device=device)
         accepted, tokens = self.sampler.accept(acc, draft_tokens, None if self.draft_q is None else self.draft_q[idx])
         if not bool(has_draft.all()):
             picked, _ = self.sampler.pick(acc)
             tokens = torch.where(has_draft, tokens, picked)
-        return go_on, tokens, accepted & has_draft
+        return torch.stack([go_on.long(), tokens, (accepted & has_draft).long()])
 
     # -- row transitions -----------------------------------------------------------------------
     def _after_shallow(self, row: _Row, b: int, hard: bool, nxt: int) -> None:

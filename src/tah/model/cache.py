@@ -27,6 +27,9 @@ class TaHCache:
         self._slots: torch.Tensor | None = None  # (B, A) where the current pass writes
         self._start: int | None = None  # set when the current pass writes one contiguous block
         self._length = 0  # S: slots the current pass attends over
+        # True while every slot so far is a valid depth-0 entry written in order: then a single
+        # depth-0 query per row sees all of them and needs no mask (the plain decode step).
+        self._plain = True
 
     # -- bookkeeping, once per pass -------------------------------------------------------------
     def positions_for(self, valid: torch.Tensor) -> torch.Tensor:
@@ -37,34 +40,49 @@ class TaHCache:
     def begin_pass(self, positions: torch.Tensor, depth: int | torch.Tensor, real: torch.Tensor,
                    dtype: torch.dtype) -> torch.Tensor | None:
         """Reserve slots for a pass of (B, A) queries; returns its (B, 1, A, S) additive mask, or None
-        when the pass is plain causal attention (depth 0, empty cache, no padding): then HF's fast
-        `is_causal` path runs.
+        when HF's unmasked path computes the same attention: depth 0 from an empty cache without
+        padding (`is_causal`), or one depth-0 query per row over a cache of valid depth-0 entries
+        only (it sees every entry: the plain decode step).
 
         positions (B, A); depth int or (B, A); real (B, A) bool, False for padding queries.
         """
         batch, width = positions.shape
         self._ensure_rows(batch, positions.device)
         fill = self.fill
-        n_real = real.sum(1)
-        self._start = int(fill[0]) if bool(real.all()) and bool((fill == fill[0]).all()) else None
+        all_real = bool(real.all())
+        # One contiguous block of slots when every row is filled alike and the pass has no padding.
+        self._start = int(fill[0]) if all_real and bool((fill == fill[0]).all()) else None
         if self._start is not None:
-            slots = self._start + torch.arange(width, device=positions.device).expand(batch, width)
+            self._slots = None  # last_slots builds them when asked
+            self._length = self._start + width
+            self._grow(self._length)
+            window = slice(self._start, self._length)
+            self.pos[:, window] = positions
+            self.depth[:, window] = depth
+            self.valid[:, window] = True
+            self.fill = fill + width
         else:  # real tokens first, in order, then padding
+            n_real = real.sum(1)
             rank_real = real.long().cumsum(1) - 1
             rank_pad = (~real).long().cumsum(1) - 1
             slots = fill[:, None] + torch.where(real, rank_real, n_real[:, None] + rank_pad)
-        self._length = int(fill.max()) + width
-        self._grow(self._length)
-        rows = torch.arange(batch, device=positions.device)[:, None]
-        self.pos[rows, slots] = positions
-        self.depth[rows, slots] = depth if isinstance(depth, torch.Tensor) else torch.full_like(positions, depth)
-        self.valid[rows, slots] = real
-        self._slots = slots
-        self.fill = fill + n_real
-        self.seen = self.seen + (real & (depth == 0)).sum(1)
+            self._length = int(fill.max()) + width
+            self._grow(self._length)
+            rows = torch.arange(batch, device=positions.device)[:, None]
+            self.pos[rows, slots] = positions
+            self.depth[rows, slots] = depth if isinstance(depth, torch.Tensor) else torch.full_like(positions, depth)
+            self.valid[rows, slots] = real
+            self._slots = slots
+            self.fill = fill + n_real
+        depth0 = isinstance(depth, int) and depth == 0
+        if depth0:
+            self.seen = self.seen + (width if all_real else real.sum(1))
+        elif isinstance(depth, torch.Tensor):
+            self.seen = self.seen + (real & (depth == 0)).sum(1)
+        self._plain = self._plain and depth0 and self._start is not None
+        if depth0 and self._start == 0 or self._plain and width == 1:
+            return None  # HF's fast path: causal from an empty cache, or one query that sees all
         S = self._length
-        if self._start == 0 and isinstance(depth, int) and depth == 0:
-            return None
         visible = duo_causal_visible(positions, depth, self.pos[:, :S], self.depth[:, :S], self.valid[:, :S])
         return additive_mask(visible, dtype)
 
@@ -126,10 +144,14 @@ class TaHCache:
     @property
     def last_slots(self) -> torch.Tensor:
         """(B, A) the slot each query of the last pass wrote."""
+        if self._slots is None:
+            batch, width = self.fill.shape[0], self._length - self._start
+            self._slots = torch.arange(self._start, self._length, device=self.fill.device).expand(batch, width)
         return self._slots
 
     def invalidate(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         """Drop entries (rolled-back drafts): nobody sees them again; a row's last slot is reclaimed."""
+        self._plain = False
         shallow = ((self.depth[rows, slots] == 0) & self.valid[rows, slots]).long()
         self.seen = self.seen.index_put((rows,), -shallow, accumulate=True)
         self.valid[rows, slots] = False

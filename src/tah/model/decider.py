@@ -22,7 +22,8 @@ class Decider(nn.Module):
 
     def forward(self, acc_logits: torch.Tensor, hidden_states: tuple | None, positions: torch.Tensor,
                 depth: int, iter_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """acc_logits (B, A, V); positions (B, A); depth: index of the pass just run (0-based)."""
+        """acc_logits (B, A, V); positions (B, A); depth: index of the pass just run (0-based), an int
+        or a (B, A) tensor (queries at different depths)."""
         raise NotImplementedError
 
 
@@ -58,16 +59,35 @@ class RandomDecider(Decider):
     """Continue with probability `rate`, as a pure function of (seed, position, depth).
 
     The same token therefore gets the same decision in prefill, decode, any batch and any padding,
-    which keeps ablations and speed benchmarks reproducible.
+    which keeps ablations and speed benchmarks reproducible. Decisions are hashed once into a
+    (depths, positions) table that grows by doubling; a call is a lookup (decode calls it per token).
     """
 
     def __init__(self, rate: float, seed: int) -> None:
         super().__init__()
         self.rate, self.seed = rate, seed
+        self._table = torch.zeros(0, 0, dtype=torch.bool)
+
+    def draw(self, positions: torch.Tensor, depth: int | torch.Tensor) -> torch.Tensor:
+        """The decision itself: bool, the broadcast shape of positions and depth."""
+        key = _mix32(_mix32(torch.full_like(positions, self.seed) * 1000003 + depth) + positions)
+        return (key.to(torch.float64) / 2**32) < self.rate
 
     def forward(self, acc_logits, hidden_states, positions, depth, iter_labels=None):
-        key = _mix32(_mix32(torch.full_like(positions, self.seed) * 1000003 + depth) + positions)
-        return (key.to(torch.float64) / 2**32) < self.rate, None
+        if positions.numel() == 0:
+            return torch.zeros(positions.shape, dtype=torch.bool, device=positions.device), None
+        depths = depth + 1 if isinstance(depth, int) else int(depth.max()) + 1
+        table = self._decisions(depths, int(positions.max()) + 1, positions.device)
+        return (table[depth][positions] if isinstance(depth, int) else table[depth, positions]), None
+
+    def _decisions(self, depths: int, positions: int, device: torch.device) -> torch.Tensor:
+        """The (>= depths, >= positions) table of decisions on `device`."""
+        table = self._table
+        if table.shape[0] < depths or table.shape[1] < positions or table.device != device:
+            size = table.shape[1] if table.shape[1] >= positions else max(2 * table.shape[1], positions, 1024)
+            grid = torch.arange(size, device=device)[None].expand(max(depths, table.shape[0]), size)
+            table = self._table = self.draw(grid, torch.arange(grid.shape[0], device=device)[:, None])
+        return table
 
 
 class ClassifierBlock(nn.Module):
