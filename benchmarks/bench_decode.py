@@ -20,6 +20,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from tah import TaHConfig, TaHForCausalLM
 from tah.generation import generate
+from tah.model.decider import ConstantDecider, RandomDecider
 
 
 def base_model(seed: int = 0) -> Qwen3ForCausalLM:
@@ -30,11 +31,17 @@ def base_model(seed: int = 0) -> Qwen3ForCausalLM:
     return Qwen3ForCausalLM(config).eval()
 
 
-def tah_model(lm, rate: float | None) -> TaHForCausalLM:
-    """rate None: the `never` decider (the engine at one pass); else `random` at that rate."""
-    config = TaHConfig(max_iter=2, decider="never" if rate is None else "random", random_rate=rate or 0.0, seed=0,
-                       lora_rank=16, lora_alpha=32.0)
+def tah_model(lm) -> TaHForCausalLM:
+    """The TaH model every engine row runs (max_iter 2, LoRA r16 on every linear); `use_decider`
+    switches what iterates, so all rows read the same weights from the same memory."""
+    config = TaHConfig(max_iter=2, decider="never", seed=0, lora_rank=16, lora_alpha=32.0)
     return with_small_adapters(TaHForCausalLM.from_base(lm, config).eval())
+
+
+def use_decider(model: TaHForCausalLM, rate: float | None) -> TaHForCausalLM:
+    """rate None: the `never` decider (the engine at one pass); else `random` at that rate."""
+    model.decider = ConstantDecider(False) if rate is None else RandomDecider(rate, seed=0)
+    return model
 
 
 def with_small_adapters(model: TaHForCausalLM) -> TaHForCausalLM:
@@ -76,7 +83,8 @@ def main() -> None:
     torch.set_num_threads(2)
     console = Console(width=150)
     bare = base_model()
-    models = {rate: tah_model(copy.deepcopy(bare), rate) for rate in [None, *args.rates]}
+    model = tah_model(copy.deepcopy(bare))
+    rates = [None, *args.rates]
     table = Table(title=f"decode: {args.new_tokens} new tokens, greedy, float32, 2 threads, median of {args.repeats} interleaved")
     for col in ("batch", "context", "engine", "tokens/s", "vs never", "never vs HF", "iterated", "KV vs base",
                 "draft accept"):
@@ -89,12 +97,12 @@ def main() -> None:
             runs = {"HF": lambda ids=ids, new=new: bare.generate(
                 ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new, min_new_tokens=new,
                 pad_token_id=0)}
-            for rate, model in models.items():
-                runs[rate] = lambda m=model, ids=ids, new=new: generate(m, ids, max_new_tokens=new)
+            for rate in rates:
+                runs[rate] = lambda rate=rate, ids=ids, new=new: generate(use_decider(model, rate), ids, max_new_tokens=new)
             measured = interleaved_medians(runs, args.repeats)
             hf_time = measured["HF"][0]
             never_time = measured[None][0]
-            for rate in models:
+            for rate in rates:
                 label = "never" if rate is None else f"random {rate:.0%}"
                 seconds, out = measured[rate]
                 stats = out.stats
