@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -67,8 +68,30 @@ def test_stage1_gradients_reach_lora_and_base_but_not_decider():
         assert p.grad is None
 
 
-def test_stage1_gradients_equal_plain_autograd_indexing(monkeypatch):
-    """The sparse-gradient gather of the hard tokens' depth-0 logits changes no gradient."""
+def _our_loss(out, labels):
+    return out.loss
+
+
+def _our_loss_plus_a_term_on_the_logits(out, labels):
+    return out.loss + out.logits.square().mean()
+
+
+def _user_cross_entropy(out, labels):
+    logits = out.logits[:, :-1].flatten(0, 1)
+    return F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def _user_sum_with_a_logits_shaped_term(out, labels, shift):
+    # autograd hands the very same gradient tensor to both sides of the sum: adding into it in place
+    # would corrupt `shift`'s gradient, whose backward runs later (it was made before the forward)
+    return (out.logits + shift).sin().sum()
+
+
+@pytest.mark.parametrize("loss_fn", [_our_loss, _our_loss_plus_a_term_on_the_logits, _user_cross_entropy,
+                                     _user_sum_with_a_logits_shaped_term])
+def test_stage1_gradients_equal_plain_autograd_indexing(monkeypatch, loss_fn):
+    """Gathering the hard tokens' depth-0 logits through rows_grad (their gradient added in place when
+    only autograd holds acc's gradient) changes no gradient, whatever loss reads the logits."""
     import tah.model.tah_model as tah_model
 
     ids, mask, labels, iter_labels = batch()
@@ -78,15 +101,38 @@ def test_stage1_gradients_equal_plain_autograd_indexing(monkeypatch):
         model = tiny_tah(max_iter=MAX_ITER).train()
         for module in model.lora.values():  # non-zero adapters, so every path carries gradient
             torch.nn.init.normal_(module.lora_B[0], std=0.1)
-        model(ids, mask, labels=labels, iter_labels=iter_labels).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        given = labels if loss_fn in (_our_loss, _our_loss_plus_a_term_on_the_logits) else None
+        leaf = torch.nn.Parameter(torch.linspace(-1, 1, ids.numel() * model.config.vocab_size).view(*ids.shape, -1))
+        shift = leaf * 2
+        out = model(ids, mask, labels=given, iter_labels=iter_labels)
+        loss = loss_fn(out, labels, shift) if loss_fn is _user_sum_with_a_logits_shaped_term else loss_fn(out, labels)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return grads | ({"shift": leaf.grad} if leaf.grad is not None else {})
 
     fast = gradients()
-    monkeypatch.setattr(tah_model._GatherRows, "apply", staticmethod(lambda acc, rows, cols: acc[rows, cols]))
+    monkeypatch.setattr(tah_model.GatherRows, "apply", staticmethod(lambda acc, index, rows: acc[index]))
+    monkeypatch.setattr(tah_model.DepthZeroLogits, "apply", staticmethod(lambda logits, rows: logits.flatten(0, 1)))
     plain = gradients()
     assert fast.keys() == plain.keys() and len(fast) > 10
     for name, grad in plain.items():
         torch.testing.assert_close(fast[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_stage1_backward_adds_the_hard_rows_in_place(monkeypatch):
+    """With our loss, the rows' gradient goes into acc's gradient in place (no full-size copy);
+    when a loss of the user's reads the logits (a view), it is added out of place."""
+    from tah.model import rows_grad
+
+    seen = []
+    original = rows_grad._only_autograd_holds
+    monkeypatch.setattr(rows_grad, "_only_autograd_holds", lambda grad: seen.append(original(grad)) or seen[-1])
+    model = tiny_tah(max_iter=MAX_ITER).train()
+    ids, mask, labels, iter_labels = batch()
+    model(ids, mask, labels=labels, iter_labels=iter_labels).loss.backward()
+    assert seen == [True]
+    _user_cross_entropy(model(ids, mask, iter_labels=iter_labels), labels).backward()
+    assert seen == [True, False]
 
 
 def test_stage1_loss_is_shifted_cross_entropy_of_returned_logits():

@@ -5,6 +5,11 @@ fills its slots left to right; a pass writes its real tokens at the row's fill l
 padding just after (marked invalid, overwritten by the next pass), so a row holds exactly one
 entry per (token, depth it reached). Capacity grows by doubling; attention reads a view of the
 first `S` slots, never a concatenation. HF attention layers call `update()` like a `Cache`.
+
+Under autograd (training) a pass instead appends one block to every row at the longest row's fill
+(shorter rows keep a gap of invalid slots) and the buffers are concatenated, never written in
+place: autograd would otherwise copy a whole buffer in backward for every write. Training runs a
+handful of passes, so those concatenations are cheap; decoding, under no_grad, never makes one.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ class TaHCache:
         self.seen: torch.Tensor | None = None  # (B,) valid depth-0 tokens per row = next position
         self._slots: torch.Tensor | None = None  # (B, A) where the current pass writes
         self._start: int | None = None  # set when the current pass writes one contiguous block
+        # Under autograd: every row's block starts at _block_start; block slot j holds query
+        # _order[:, j] (None: query j, the pass is already in slot order).
+        self._block_start = 0
+        self._order: torch.Tensor | None = None
         self._length = 0  # S: slots the current pass attends over
         # True while every slot so far is a valid depth-0 entry written in order: then a single
         # depth-0 query per row sees all of them and needs no mask (the plain decode step).
@@ -65,7 +74,13 @@ class TaHCache:
             n_real = real.sum(1)
             rank_real = real.long().cumsum(1) - 1
             rank_pad = (~real).long().cumsum(1) - 1
-            slots = fill[:, None] + torch.where(real, rank_real, n_real[:, None] + rank_pad)
+            in_block = torch.where(real, rank_real, n_real[:, None] + rank_pad)  # (B, A) slot - row start
+            if torch.is_grad_enabled():  # one block for all rows, appended by concatenation (see above)
+                self._block_start = int(fill.max())
+                identity = bool((in_block == torch.arange(width, device=real.device)).all())
+                self._order = None if identity else in_block.argsort(dim=1)
+                fill = torch.full_like(fill, self._block_start)
+            slots = fill[:, None] + in_block
             self._length = int(fill.max()) + width
             self._grow(self._length)
             rows = torch.arange(batch, device=positions.device)[:, None]
@@ -119,20 +134,32 @@ class TaHCache:
 
     def _write(self, buffer: torch.Tensor | None, states: torch.Tensor) -> torch.Tensor:
         b, h, _, d = states.shape
-        fresh = buffer is None or buffer.shape[2] < self.capacity  # a new tensor that nobody holds yet
+        if torch.is_grad_enabled() and (states.requires_grad or buffer is not None and buffer.requires_grad):
+            return self._append(buffer, states)
         if buffer is None:
             buffer = states.new_zeros(b, h, self.capacity, d)
         elif buffer.shape[2] < self.capacity:
             buffer = _extend(buffer, self.capacity, dim=2)
-        if not fresh and torch.is_grad_enabled() and (states.requires_grad or buffer.requires_grad):
-            # Training: never modify a buffer an earlier pass saved for backward.
-            buffer = buffer.clone()
         if self._start is not None:
             buffer[:, :, self._start:self._start + states.shape[2]] = states
         else:
             rows = torch.arange(b, device=states.device)[:, None]
             buffer[rows, :, self._slots] = states.transpose(1, 2)
         return buffer
+
+    def _append(self, buffer: torch.Tensor | None, states: torch.Tensor) -> torch.Tensor:
+        """Under autograd: the first `start` slots of `buffer` then this pass's states in slot order,
+        a new (B, H, start + A, D) tensor (concatenation's backward only slices: no copy)."""
+        if self._start is not None:
+            start, block = self._start, states
+        else:
+            start = self._block_start
+            block = states if self._order is None else \
+                states.gather(2, self._order[:, None, :, None].expand_as(states))
+        if start == 0:
+            return block
+        prefix = buffer[:, :, :start] if buffer is not None else states.new_zeros(*states.shape[:2], start, states.shape[3])
+        return torch.cat([prefix, block], dim=2)
 
     # HF builds its own causal mask only on the fast path (empty cache, see begin_pass).
     def get_query_offset(self, layer_idx: int = 0) -> int:

@@ -24,6 +24,7 @@ from tah.model.cache import TaHCache
 from tah.model.decider import Decider, MLPDecider, build_decider
 from tah.model.lora import DepthLoRALinear, DepthState, add_depth_lora
 from tah.model.packing import Packing
+from tah.model.rows_grad import DepthZeroLogits, GatherRows, RowsGradient
 from tah.model.sdpa import use_tah_sdpa
 from tah.model.soft_input import soft_embedding
 
@@ -39,29 +40,6 @@ class TaHOutput(ModelOutput):
     past_key_values: TaHCache | None = None
     decider_logits: torch.Tensor | None = None  # stage 2: (N,) decider scores of the labelled tokens
     decider_targets: torch.Tensor | None = None  # stage 2: (N,) 1.0 where the oracle says continue
-
-
-class _GatherRows(torch.autograd.Function):
-    """acc[rows, cols] for acc (B, T, V): the depth-0 logits of the tokens that go one pass deeper.
-
-    Same values as indexing; the point is the backward. Indexing's own would build the few rows'
-    gradient in a zero (B, T, V) tensor and add it to acc's dense gradient (two more full-size
-    buffers, ~10% of a CPU training step). Here it goes back as a sparse (B, T, V) tensor, which the
-    autograd engine adds into acc's dense gradient in place when nothing else holds it (a scatter
-    of the rows). acc must also receive a dense gradient (it does: every loss reads the logits).
-    """
-
-    @staticmethod
-    def forward(ctx, acc: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(rows, cols)
-        ctx.shape = acc.shape
-        return acc[rows, cols]
-
-    @staticmethod
-    def backward(ctx, grad_rows: torch.Tensor):
-        rows, cols = ctx.saved_tensors
-        grad = torch.sparse_coo_tensor(torch.stack([rows, cols]), grad_rows, ctx.shape, check_invariants=False)
-        return grad, None, None
 
 
 class TaHForCausalLM(nn.Module):
@@ -191,7 +169,10 @@ class TaHForCausalLM(nn.Module):
             embeds = self.lm.get_input_embeddings()(input_ids)
         packing = Packing.everything(batch, length, input_ids.device)
         iter_count = torch.ones_like(input_ids)
-        acc, carry, inputs = None, None, embeds  # carry: accumulated logits of the packed tokens
+        # acc: (B * keep, V) accumulated logits, 2-D so that the loss reads it without a view (see
+        # rows_grad.py); carry: accumulated logits of the packed tokens.
+        acc, carry, inputs = None, None, embeds
+        acc_is_depth0, rows_grad = False, None
         bce_terms = []
         for depth in range(max_iter):
             real = packing.pack(packing.gather(valid), fill=False)
@@ -203,14 +184,20 @@ class TaHForCausalLM(nn.Module):
                 go_on = self._decide(None, None, pos, depth, labels_packed) & real
             in_tail = packing.cols >= length - keep
             need = in_tail | packing.unpack(go_on) if sparse and go_on is not None else in_tail if sparse else None
+            head_rows = None if need is None else packing.pack(need)  # (B, A): where the LM head runs
+            if head_rows is None and not packing.full:  # all packed tokens, straight to (N, V): no unpack copy
+                head_rows = packing.pack(torch.ones_like(packing.rows, dtype=torch.bool), fill=False)
             with frozen:
-                logits, hidden = self.run_pass(inputs, pos, real, depth, cache, need_hidden=not last,
-                                               need=None if need is None else packing.pack(need))
-                flat_logits = packing.unpack(logits) if need is None else logits
-                # (N, V) or (N_need, V); depth 0 adds nothing, so no (B*T, V) copy is made
-                flat_acc = flat_logits if carry is None else (carry if need is None else carry[need]) + flat_logits
+                logits, hidden = self.run_pass(inputs, pos, real, depth, cache, need_hidden=not last, need=head_rows)
+                flat_logits = packing.unpack(logits) if head_rows is None else logits
+                # (N, V) or (N_need, V); depth 0 adds nothing, so no (B*T, V) copy is made; the last
+                # pass's sum is read by nobody
+                flat_acc = flat_logits if carry is None else None if last else \
+                    (carry if need is None else carry[need]) + flat_logits
                 if acc is None and keep == length:  # depth 0 over every token: its logits are the sum so far
-                    acc = logits  # (B, T, V), HF's own tensor (not a view), so it can be added to in place
+                    rows_grad = RowsGradient() if torch.is_grad_enabled() and self._logits_in_place else None
+                    acc = logits.flatten(0, 1) if rows_grad is None else DepthZeroLogits.apply(logits, rows_grad)
+                    acc_is_depth0 = True
                 else:
                     acc = self._accumulate(acc, flat_logits, packing, in_tail, need, batch, keep, length,
                                            in_place=self._logits_in_place)
@@ -229,8 +216,10 @@ class TaHForCausalLM(nn.Module):
             if not bool(go_on_flat.any()):
                 break
             rows, cols = packing.rows[go_on_flat], packing.cols[go_on_flat]
-            if acc is logits:  # depth 0 over every token: acc is (B, T, V), its rows are the packed tokens
-                carry = _GatherRows.apply(acc, rows, cols) if torch.is_grad_enabled() else acc[rows, cols]
+            if acc_is_depth0:  # depth 0 over every token: acc's rows are the packed tokens
+                index = rows * length + cols
+                carry = acc[index] if rows_grad is None else GatherRows.apply(acc, index, rows_grad)
+                acc_is_depth0 = False
             else:
                 carry = flat_acc[go_on_flat if need is None else go_on_flat[need]]
             packing = Packing.select(rows, cols, batch)
@@ -244,11 +233,11 @@ class TaHForCausalLM(nn.Module):
         elif labels is not None:
             shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
             if num_items_in_batch is None:
-                loss = F.cross_entropy(acc.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
+                loss = F.cross_entropy(acc.float(), shifted.flatten(), ignore_index=-100)
             else:
-                loss = F.cross_entropy(acc.float().flatten(0, 1), shifted.flatten(), ignore_index=-100,
+                loss = F.cross_entropy(acc.float(), shifted.flatten(), ignore_index=-100,
                                        reduction="sum") / num_items_in_batch
-        return TaHOutput(loss=loss, logits=acc, iter_count=iter_count,
+        return TaHOutput(loss=loss, logits=acc.view(batch, keep, acc.shape[-1]), iter_count=iter_count,
                          past_key_values=cache if use_cache else None, decider_logits=scores,
                          decider_targets=targets)
 
@@ -263,10 +252,11 @@ class TaHForCausalLM(nn.Module):
     def _accumulate(acc, flat_logits, packing: Packing, in_tail: torch.Tensor, need: torch.Tensor | None,
                     batch: int, keep: int, length: int, in_place: bool) -> torch.Tensor:
         """Add a pass's logits (rows of `flat_logits`: the packed tokens, or those in `need`) of the
-        tail tokens into acc (B, keep, V); acc is None before the first pass.
+        tail tokens into acc (B * keep, V), row b * keep + t for the token at column
+        length - keep + t of row b; acc is None before the first pass.
 
         Adding instead of overwriting with carry + logits gives the same numbers (acc holds carry
-        there) and, in place, copies no (B, T, V) tensor forward or backward (the backward of an
+        there) and, in place, copies no (B * T, V) tensor forward or backward (the backward of an
         accumulating index_put passes the gradient through).
         """
         if keep == length:  # need is None then (see forward), every row is in the tail
@@ -274,9 +264,9 @@ class TaHForCausalLM(nn.Module):
         else:
             values = flat_logits[in_tail if need is None else in_tail[need]]
             where = in_tail if need is None else need & in_tail
-        index = (packing.rows[where], packing.cols[where] - (length - keep))
+        index = (packing.rows[where] * keep + packing.cols[where] - (length - keep),)
         if acc is None:
-            return values.new_zeros(batch, keep, values.shape[-1]).index_put_(index, values)
+            return values.new_zeros(batch * keep, values.shape[-1]).index_put_(index, values)
         return acc.index_put_(index, values, accumulate=True) if in_place else acc.index_put(index, values, accumulate=True)
 
     @property
@@ -308,7 +298,12 @@ class TaHForCausalLM(nn.Module):
     def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, H) final hidden states -> (N, V) logits, as the wrapped model's own head computes them."""
         logits = self.lm.get_output_embeddings()(hidden)
-        cap = getattr(self.lm.config, "final_logit_softcapping", None)
+        config = self.lm.config
+        if getattr(config, "logit_scale", None) is not None:  # Cohere multiplies its logits
+            logits = logits * config.logit_scale
+        if getattr(config, "logits_scaling", None) is not None:  # Granite divides them
+            logits = logits / config.logits_scaling
+        cap = getattr(config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 
     def _bce_term(self, scores, iter_labels, valid, depth) -> tuple[torch.Tensor, torch.Tensor]:
