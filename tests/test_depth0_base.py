@@ -122,3 +122,24 @@ def test_never_decider_in_training_mode_with_labels(arch):
     torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=TOL)
     torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=TOL)
     assert torch.equal(out.iter_count, torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("arch, scaling", [("granite", dict(logits_scaling=4.0)), ("cohere", dict(logit_scale=0.25))])
+def test_our_lm_head_scales_logits_like_the_model_does(arch, scaling):
+    """Prefill keeps few logits and runs the LM head itself (`_lm_head`): for models whose head
+    scales its logits (Granite divides, Cohere multiplies), it must scale alike."""
+    from transformers import CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM
+
+    config_cls, model_cls = {"granite": (GraniteConfig, GraniteForCausalLM), "cohere": (CohereConfig, CohereForCausalLM)}[arch]
+    config = config_cls(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2, **scaling)
+    torch.manual_seed(0)
+    bare = model_cls(config).eval()
+    torch.manual_seed(0)
+    tah = TaHForCausalLM.from_base(model_cls(config).eval(), TaHConfig(max_iter=2, decider="never"))
+    ids, mask = left_padded([6, 4])
+    with torch.no_grad():
+        expected = bare(ids, attention_mask=mask).logits[:, -1:]
+        got = tah(ids, attention_mask=mask, logits_to_keep=1).logits
+    torch.testing.assert_close(got, expected, atol=TOL, rtol=TOL)
