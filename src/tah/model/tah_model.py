@@ -256,18 +256,19 @@ class TaHForCausalLM(nn.Module):
         length - keep + t of row b; acc is None before the first pass.
 
         Adding instead of overwriting with carry + logits gives the same numbers (acc holds carry
-        there) and, in place, copies no (B * T, V) tensor forward or backward (the backward of an
-        accumulating index_put passes the gradient through).
+        there) and, in place, copies no (B * T, V) tensor forward or backward (the backward of
+        index_add passes the gradient through).
         """
         if keep == length:  # need is None then (see forward), every row is in the tail
             values, where = flat_logits, slice(None)
         else:
             values = flat_logits[in_tail if need is None else in_tail[need]]
             where = in_tail if need is None else need & in_tail
-        index = (packing.rows[where] * keep + packing.cols[where] - (length - keep),)
+        index = packing.rows[where] * keep + packing.cols[where] - (length - keep)
         if acc is None:
-            return values.new_zeros(batch * keep, values.shape[-1]).index_put_(index, values)
-        return acc.index_put_(index, values, accumulate=True) if in_place else acc.index_put(index, values, accumulate=True)
+            return values.new_zeros(batch * keep, values.shape[-1]).index_copy_(0, index, values)
+        # index_add: ~20x faster on CPU than an accumulating index_put, the same sums
+        return acc.index_add_(0, index, values) if in_place else acc.index_add(0, index, values)
 
     @property
     def _logits_in_place(self) -> bool:
