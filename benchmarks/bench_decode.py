@@ -44,13 +44,15 @@ def use_decider(model: TaHForCausalLM, rate: float | None) -> TaHForCausalLM:
     return model
 
 
-def with_small_adapters(model: TaHForCausalLM) -> TaHForCausalLM:
+def with_small_adapters(model: TaHForCausalLM, seed: int = 0) -> TaHForCausalLM:
     """Give every LoRA B small random weights: a trained-looking adapter (zero would skip no work,
-    but would make depth >= 1 an exact copy of depth 0)."""
+    but would make depth >= 1 an exact copy of depth 0). Seeded: how often depth 1 changes the
+    depth-0 token (the draft acceptance, hence the speed) depends on these weights."""
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.lora.values():
             for b in module.lora_B:
-                b.normal_(0, 0.01)
+                b.copy_(torch.randn(b.shape, generator=generator) * 0.01)
     return model
 
 
