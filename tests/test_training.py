@@ -299,3 +299,18 @@ def test_valid_rows_do_not_depend_on_a_padding_row():
                    iter_labels=torch.cat([iter_labels, pad - 100]))
     torch.testing.assert_close(padded.loss, alone.loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(padded.logits[:2], alone.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_our_lm_head_linear_has_linears_gradients():
+    """Depth >= 1 runs the LM head through `_HeadLinear` (a weight gradient of its own, not a view):
+    its gradients are F.linear's, with and without a bias."""
+    from tah.model.tah_model import _HeadLinear
+
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_HeadLinear.apply, (hidden, weight, bias))
+    assert torch.autograd.gradcheck(lambda h, w: _HeadLinear.apply(h, w, None), (hidden, weight))
+    grad_weight = torch.autograd.grad(_HeadLinear.apply(hidden, weight, None).square().sum(), weight)[0]
+    assert grad_weight.is_contiguous() and grad_weight._base is None

@@ -42,6 +42,26 @@ class TaHOutput(ModelOutput):
     decider_targets: torch.Tensor | None = None  # stage 2: (N,) 1.0 where the oracle says continue
 
 
+class _HeadLinear(torch.autograd.Function):
+    """F.linear for our LM head on (N, H) rows, whose weight gradient comes back as a tensor of its
+    own rather than F.linear's transposed view: the first gradient to reach a (tied) head weight
+    then takes the others in place, instead of one more (V, H) tensor for the sum."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(hidden, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(hidden, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hidden, weight = ctx.saved_tensors
+        grad_hidden = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad.t() @ hidden if ctx.needs_input_grad[1] else None  # (V, H), contiguous
+        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias
+
+
 class TaHForCausalLM(nn.Module):
     """A Think-at-Hard model wrapping a loaded HF decoder-only causal LM (`self.lm`)."""
 
@@ -298,7 +318,11 @@ class TaHForCausalLM(nn.Module):
 
     def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, H) final hidden states -> (N, V) logits, as the wrapped model's own head computes them."""
-        logits = self.lm.get_output_embeddings()(hidden)
+        head = self.lm.get_output_embeddings()
+        if torch.is_grad_enabled() and type(head) is nn.Linear and head.weight.requires_grad:
+            logits = _HeadLinear.apply(hidden, head.weight, head.bias)
+        else:
+            logits = head(hidden)
         config = self.lm.config
         if getattr(config, "logit_scale", None) is not None:  # Cohere multiplies its logits
             logits = logits * config.logit_scale
