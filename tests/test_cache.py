@@ -63,6 +63,26 @@ def test_one_prefill_equals_single_token_steps(max_iter, decider, options, promp
     assert torch.equal(cache.entries(), full.past_key_values.entries())
 
 
+@pytest.mark.parametrize("max_iter", [2, 3])
+def test_under_autograd_steps_equal_one_prefill_and_backward_runs(max_iter):
+    """With gradients on, the cache appends by concatenation (one block per pass at the longest
+    row's fill) instead of writing in place: same outputs, and backward through every step works."""
+    model = make(max_iter, "random", dict(random_rate=0.5, seed=3))
+    ids, mask = left_padded([10, 6, 8], seed=5)
+    valid = mask.bool()
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=True)
+    logits, iters, cache = run_steps(model, ids, mask, 4)
+    assert logits.requires_grad
+    assert torch.equal(iters[valid], full.iter_count[valid])
+    assert (logits[valid].detach() - full.logits[valid]).abs().max() <= ATOL
+    logits[valid].square().mean().backward()
+    assert all(p.grad is not None for p in model.lm.parameters() if p.requires_grad)
+    # Shorter rows keep gaps of invalid slots; the valid ones are exactly one per (token, depth).
+    assert torch.equal(cache.valid.sum(1), full.past_key_values.entries())
+    assert (cache.entries() >= full.past_key_values.entries()).all()
+
+
 def test_steps_after_a_prefill_equal_a_longer_prefill():
     """Decoding continues a prompt exactly as if the whole text had been prefilled (max_iter 3)."""
     model = make(3, "random", dict(random_rate=0.5, seed=11))
