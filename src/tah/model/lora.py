@@ -58,18 +58,13 @@ class DepthLoRALinear(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._state = state
-        self._num_adapters = num_adapters
         self._merged: dict[int, torch.Tensor] = {}
 
     def adapter_index(self, depth: int) -> int:
-        return min(depth, self._num_adapters) - 1
-
-    def _dropped(self, x: torch.Tensor) -> torch.Tensor:
-        # Dropout is the identity in eval mode: skipping the module call matters in decode steps.
-        return self.dropout(x) if self.training else x
+        return min(depth, len(self.lora_A)) - 1
 
     def delta(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        return F.linear(F.linear(self._dropped(x), self.lora_A[index]), self.lora_B[index]) * self.scaling
+        return F.linear(F.linear(self.dropout(x), self.lora_A[index]), self.lora_B[index]) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         depth = self._state.depth
@@ -84,7 +79,7 @@ class DepthLoRALinear(nn.Module):
         out = F.linear(x, base.weight, base.bias)
         for d, mask in self._state.depth_masks.items():
             index = self.adapter_index(d)
-            low_rank = F.linear(self._dropped(x), self.lora_A[index])
+            low_rank = F.linear(self.dropout(x), self.lora_A[index])
             out = torch.addcmul(out, F.linear(low_rank, self.lora_B[index]), mask, value=self.scaling)
         return out
 

@@ -191,8 +191,7 @@ class TaHForCausalLM(nn.Module):
         iter_count = torch.ones_like(input_ids)
         # acc: (B * keep, V) accumulated logits, 2-D so that the loss reads it without a view (see
         # rows_grad.py); carry: accumulated logits of the packed tokens.
-        acc, carry, inputs = None, None, embeds
-        acc_is_depth0, rows_grad = False, None
+        acc, carry, inputs, rows_grad = None, None, embeds, None
         bce_terms = []
         for depth in range(max_iter):
             real = packing.pack(packing.gather(valid), fill=False)
@@ -205,8 +204,8 @@ class TaHForCausalLM(nn.Module):
             in_tail = packing.cols >= length - keep
             need = in_tail | packing.unpack(go_on) if sparse and go_on is not None else in_tail if sparse else None
             head_rows = None if need is None else packing.pack(need)  # (B, A): where the LM head runs
-            if head_rows is None and not packing.full:  # all packed tokens, straight to (N, V): no unpack copy
-                head_rows = packing.pack(torch.ones_like(packing.rows, dtype=torch.bool), fill=False)
+            if head_rows is None and not packing.full:  # all packed tokens (all real at depth >= 1):
+                head_rows = real  # straight to (N, V), no unpack copy
             with frozen:
                 logits, hidden = self.run_pass(inputs, pos, real, depth, cache, need_hidden=not last, need=head_rows)
                 flat_logits = packing.unpack(logits) if head_rows is None else logits
@@ -217,7 +216,6 @@ class TaHForCausalLM(nn.Module):
                 if acc is None and keep == length:  # depth 0 over every token: its logits are the sum so far
                     rows_grad = RowsGradient() if torch.is_grad_enabled() and self._logits_in_place else None
                     acc = logits.flatten(0, 1) if rows_grad is None else DepthZeroLogits.apply(logits, rows_grad)
-                    acc_is_depth0 = True
                 else:
                     acc = self._accumulate(acc, flat_logits, packing, in_tail, need, batch, keep, length,
                                            in_place=self._logits_in_place)
@@ -236,10 +234,9 @@ class TaHForCausalLM(nn.Module):
             if not bool(go_on_flat.any()):
                 break
             rows, cols = packing.rows[go_on_flat], packing.cols[go_on_flat]
-            if acc_is_depth0:  # depth 0 over every token: acc's rows are the packed tokens
+            if depth == 0 and keep == length:  # acc holds depth 0 of every token: its rows are the packed tokens
                 index = rows * length + cols
-                carry = acc[index] if rows_grad is None else GatherRows.apply(acc, index, rows_grad)
-                acc_is_depth0 = False
+                carry = acc.index_select(0, index) if rows_grad is None else GatherRows.apply(acc, index, rows_grad)
             else:
                 carry = flat_acc[go_on_flat if need is None else go_on_flat[need]]
             packing = Packing.select(rows, cols, batch)
