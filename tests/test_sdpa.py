@@ -35,6 +35,20 @@ def test_matches_hf_sdpa_with_a_mask(queries, groups):
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("groups", [2, 4])
+def test_a_single_query_without_a_mask_matches_hf_sdpa(groups):
+    """The decode step's path: the heads of a KV group become its queries."""
+    gen = torch.Generator().manual_seed(groups)
+    b, kv, s, d = 3, 2, 13, 8
+    query = torch.randn(b, kv * groups, 1, d, generator=gen)
+    key, value = torch.randn(b, kv, s, d, generator=gen), torch.randn(b, kv, s, d, generator=gen)
+    layer = _Layer(groups)
+    ours, _ = tah_sdpa_attention(layer, query, key, value, None, scaling=d ** -0.5)
+    theirs, _ = sdpa_attention_forward(layer, query, key, value, None, scaling=d ** -0.5)
+    assert ours.shape == theirs.shape == (b, 1, kv * groups, d)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
 def test_wrapping_switches_sdpa_models_and_keeps_their_outputs():
     config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)

@@ -151,25 +151,32 @@ class Decoder:
             return logits, hidden, (0, 0)
         width = int(bool(deep)) + int(bool(shallow))
         col_deep, col_shallow = 0, width - 1
-        hidden_size = self.embed.weight.shape[1]
-        inputs = torch.zeros(batch, width, hidden_size, device=device, dtype=self.embed.weight.dtype)
-        positions = torch.zeros(batch, width, dtype=torch.long, device=device)
-        depth = torch.zeros(batch, width, dtype=torch.long, device=device)
-        real = torch.zeros(batch, width, dtype=torch.bool, device=device)
+        # Small per-query tags are built in Python and sent once: a handful of tensor ops per step
+        # instead of two dozen (each costs microseconds, which add up at batch 1).
+        positions, depth, real = ([[0] * width for _ in range(batch)] for _ in range(3))
+        for b in deep:
+            row = self.rows[b]
+            positions[b][col_deep], depth[b][col_deep], real[b][col_deep] = row.deep_pos, row.deep_depth, 1
+        for b in shallow:
+            positions[b][col_shallow], real[b][col_shallow] = self.rows[b].next_pos, 1
+        parts = []  # (column, rows, (N, H) inputs)
         if deep:
-            idx = torch.tensor(deep, device=device)
-            inputs[idx, col_deep] = soft_embedding(self.deep_acc[idx], self.embed.weight, self.model.tah_config.input_topk)
-            positions[idx, col_deep] = torch.tensor([self.rows[b].deep_pos for b in deep], device=device)
-            depth[idx, col_deep] = torch.tensor([self.rows[b].deep_depth for b in deep], device=device)
-            real[idx, col_deep] = True
+            every_row = len(deep) == batch
+            acc = self.deep_acc if every_row else self.deep_acc[torch.tensor(deep, device=device)]
+            parts.append((col_deep, deep, soft_embedding(acc, self.embed.weight, self.model.tah_config.input_topk)))
         if shallow:
-            idx = torch.tensor(shallow, device=device)
-            inputs[idx, col_shallow] = self.embed(torch.tensor([self.rows[b].feed for b in shallow], device=device))
-            positions[idx, col_shallow] = torch.tensor([self.rows[b].next_pos for b in shallow], device=device)
-            real[idx, col_shallow] = True
+            parts.append((col_shallow, shallow, self.embed(torch.tensor([self.rows[b].feed for b in shallow], device=device))))
+        if all(len(rows) == batch for _, rows, _ in parts):
+            inputs = torch.stack([x for _, _, x in parts], dim=1)
+        else:
+            inputs = parts[0][2].new_zeros(batch, width, parts[0][2].shape[-1])
+            for col, rows, x in parts:
+                inputs[torch.tensor(rows, device=device), col] = x
         depths = {self.rows[b].deep_depth for b in deep} | ({0} if shallow else set())
-        depth_arg = depths.pop() if len(depths) == 1 else depth
-        logits, hidden = self.model.run_pass(inputs, positions, real, depth_arg, self.cache, need_hidden)
+        depth_arg = depths.pop() if len(depths) == 1 else torch.tensor(depth, device=device)
+        logits, hidden = self.model.run_pass(inputs, torch.tensor(positions, device=device),
+                                             torch.tensor(real, dtype=torch.bool, device=device), depth_arg,
+                                             self.cache, need_hidden)
         return logits, hidden, (col_deep, col_shallow)
 
     def _decide(self, acc: torch.Tensor, hidden, rows: list[int], col: int, positions: list[int],
@@ -208,27 +215,34 @@ class Decoder:
         return [bool(h) for h in hard_list], next_list
 
     def _deep_results(self, deep, logits, hidden, col):
+        """Add the deep queries' logits to their rows' sums; returns a (3, N) device tensor: go on
+        (another pass), the final token (when not going on), and the draft's verdict."""
         device = logits.device
-        idx = torch.tensor(deep, device=device)
-        acc = self.deep_acc[idx] + logits[idx, col]
-        self.deep_acc[idx] = acc
+        if len(deep) == len(self.rows):  # every row: no gather, the sum is kept in place
+            acc = self.deep_acc.add_(logits[:, col])
+        else:
+            idx = torch.tensor(deep, device=device)
+            acc = self.deep_acc[idx] + logits[idx, col]
+            self.deep_acc[idx] = acc
         passes = [self.rows[b].deep_depth + 1 for b in deep]
-        go_on = torch.zeros(len(deep), dtype=torch.bool, device=device)
+        go_on = None
         if any(n < self.max_iter for n in passes):
-            decided = self._decide(acc, hidden, deep, col, [self.rows[b].deep_pos for b in deep],
-                                   [n - 1 for n in passes])
-            go_on = decided & torch.tensor([n < self.max_iter for n in passes], device=device)
+            go_on = self._decide(acc, hidden, deep, col, [self.rows[b].deep_pos for b in deep], [n - 1 for n in passes])
+            if not all(n < self.max_iter for n in passes):
+                go_on = go_on & torch.tensor([n < self.max_iter for n in passes], device=device)
         drafts = [self.rows[b].draft for b in deep]
         if all(d is None for d in drafts):
             tokens, _ = self.sampler.pick(acc)
-            return torch.stack([go_on.long(), tokens, torch.zeros_like(tokens)])
-        has_draft = torch.tensor([d is not None for d in drafts], device=device)
-        draft_tokens = torch.tensor([d if d is not None else 0 for d in drafts], device=device)
-        accepted, tokens = self.sampler.accept(acc, draft_tokens, None if self.draft_q is None else self.draft_q[idx])
-        if not bool(has_draft.all()):
-            picked, _ = self.sampler.pick(acc)
-            tokens = torch.where(has_draft, tokens, picked)
-        return torch.stack([go_on.long(), tokens, (accepted & has_draft).long()])
+            accepted = torch.zeros_like(tokens)
+        else:
+            draft_tokens = torch.tensor([0 if d is None else d for d in drafts], device=device)
+            draft_q = None if self.draft_q is None else self.draft_q[torch.tensor(deep, device=device)]
+            accepted, tokens = self.sampler.accept(acc, draft_tokens, draft_q)
+            if any(d is None for d in drafts):
+                has_draft = torch.tensor([d is not None for d in drafts], device=device)
+                picked, _ = self.sampler.pick(acc)
+                tokens, accepted = torch.where(has_draft, tokens, picked), accepted & has_draft
+        return torch.stack([torch.zeros_like(tokens) if go_on is None else go_on.long(), tokens, accepted.long()])
 
     # -- row transitions -----------------------------------------------------------------------
     def _after_shallow(self, row: _Row, b: int, hard: bool, nxt: int) -> None:

@@ -27,6 +27,10 @@ class TaHCache:
         self.pos: torch.Tensor | None = None  # (B, capacity) token position of each slot
         self.depth: torch.Tensor | None = None  # (B, capacity) depth of each slot
         self.valid: torch.Tensor | None = None  # (B, capacity) False for padding and free slots
+        # (B, capacity) additive mask of a lone depth-0 query: 0 at valid depth-0 slots, else the
+        # dtype's minimum. Kept up to date slot by slot, so the commonest masked step (plain decode
+        # once deeper entries exist) builds no mask.
+        self.shallow_bias: torch.Tensor | None = None
         self.fill: torch.Tensor | None = None  # (B,) live slots per row
         self.seen: torch.Tensor | None = None  # (B,) valid depth-0 tokens per row = next position
         self._slots: torch.Tensor | None = None  # (B, A) where the current pass writes
@@ -56,7 +60,7 @@ class TaHCache:
         positions (B, A); depth int or (B, A); real (B, A) bool, False for padding queries.
         """
         batch, width = positions.shape
-        self._ensure_rows(batch, positions.device)
+        self._ensure_rows(batch, positions.device, dtype)
         fill = self.fill
         all_real = bool(real.all())
         # One contiguous block of slots when every row is filled alike and the pass has no padding.
@@ -69,6 +73,7 @@ class TaHCache:
             self.pos[:, window] = positions
             self.depth[:, window] = depth
             self.valid[:, window] = True
+            self.shallow_bias[:, window] = self._bias(depth == 0)
             self.fill = fill + width
         else:  # real tokens first, in order, then padding
             n_real = real.sum(1)
@@ -87,6 +92,7 @@ class TaHCache:
             self.pos[rows, slots] = positions
             self.depth[rows, slots] = depth if isinstance(depth, torch.Tensor) else torch.full_like(positions, depth)
             self.valid[rows, slots] = real
+            self.shallow_bias[rows, slots] = self._bias(real & (depth == 0))
             self._slots = slots
             self.fill = fill + n_real
         depth0 = isinstance(depth, int) and depth == 0
@@ -98,16 +104,29 @@ class TaHCache:
         if depth0 and self._start == 0 or self._plain and width == 1:
             return None  # HF's fast path: causal from an empty cache, or one query that sees all
         S = self._length
+        if depth0 and width == 1:  # sees every valid depth-0 entry: they all precede it
+            bias = self.shallow_bias[:, None, None, :S]
+            return bias.clone() if torch.is_grad_enabled() else bias  # autograd saves the mask
         visible = duo_causal_visible(positions, depth, self.pos[:, :S], self.depth[:, :S], self.valid[:, :S])
         return additive_mask(visible, dtype)
 
-    def _ensure_rows(self, batch: int, device: torch.device) -> None:
+    def _bias(self, visible: bool | torch.Tensor) -> float | torch.Tensor:
+        """Additive mask values for slots whose visibility to a lone depth-0 query is `visible`."""
+        lowest = torch.finfo(self.shallow_bias.dtype).min
+        if isinstance(visible, bool):
+            return 0.0 if visible else lowest
+        return torch.where(visible, 0.0, lowest).to(self.shallow_bias.dtype)
+
+    def _ensure_rows(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        if self.shallow_bias is not None and self.shallow_bias.dtype != dtype:
+            self.shallow_bias = self.shallow_bias.to(dtype)
         if self.fill is None:
             self.fill = torch.zeros(batch, dtype=torch.long, device=device)
             self.seen = torch.zeros(batch, dtype=torch.long, device=device)
             self.pos = torch.zeros(batch, self.capacity, dtype=torch.long, device=device)
             self.depth = torch.zeros(batch, self.capacity, dtype=torch.long, device=device)
             self.valid = torch.zeros(batch, self.capacity, dtype=torch.bool, device=device)
+            self.shallow_bias = torch.full((batch, self.capacity), torch.finfo(dtype).min, dtype=dtype, device=device)
         elif self.fill.shape[0] != batch:
             raise ValueError(f"this cache holds {self.fill.shape[0]} rows; the input has {batch}")
 
@@ -118,6 +137,7 @@ class TaHCache:
         self.pos = _extend(self.pos, new, dim=1)
         self.depth = _extend(self.depth, new, dim=1)
         self.valid = _extend(self.valid, new, dim=1)
+        self.shallow_bias = _extend(self.shallow_bias, new, dim=1, fill=torch.finfo(self.shallow_bias.dtype).min)
         self.capacity = new  # layer buffers follow lazily in update()
 
     # -- the HF `Cache` interface used by attention layers ---------------------------------------
@@ -182,6 +202,7 @@ class TaHCache:
         shallow = ((self.depth[rows, slots] == 0) & self.valid[rows, slots]).long()
         self.seen = self.seen.index_put((rows,), -shallow, accumulate=True)
         self.valid[rows, slots] = False
+        self.shallow_bias[rows, slots] = self._bias(False)
         last = slots == self.fill[rows] - 1
         self.fill = self.fill.index_put((rows[last],), -torch.ones_like(slots[last]), accumulate=True)
 
@@ -197,7 +218,7 @@ class TaHCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
 
-def _extend(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+def _extend(t: torch.Tensor, size: int, dim: int, fill: float = 0) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = size - shape[dim]
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+    return torch.cat([t, t.new_full(shape, fill)], dim=dim)

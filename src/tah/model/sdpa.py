@@ -1,11 +1,16 @@
-"""HF's `sdpa` attention, minus a copy: grouped KV heads with a mask on CPU.
+"""HF's `sdpa` attention, minus two costs of grouped KV heads on CPU.
 
 TaH passes need a mask whenever they are not plain causal attention (every depth >= 1 pass, fused
 decode steps, padding). With a mask, HF's `sdpa` repeats every KV head group into a new tensor
 before calling `scaled_dot_product_attention`, because CUDA's fast kernels take grouped heads only
 without a mask. CPU kernels take them with one (`enable_gqa=True`), so there the copy is pure cost:
-of the whole cache, at every layer of every such pass. `tah_sdpa` skips it on CPU and hands every
-other case to HF's own function unchanged, so results are HF's.
+of the whole cache, at every layer of every such pass.
+
+A single query (a decode step) goes further: the heads of one KV group become that group's queries,
+(B, H, 1, D) -> (B, KV, H / KV, D), the trick HF itself uses for a single query under a mask. On CPU
+it runs in about half the time of `enable_gqa` (measured 11 vs 22 us per layer at 300 keys, 78 vs 136
+us at 2300), so we use it without a mask too, where HF takes `enable_gqa`. Every other case goes to
+HF's own function unchanged.
 """
 
 from __future__ import annotations
@@ -25,12 +30,16 @@ def tah_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     """query (B, H, A, D), key/value (B, KV, S, D), attention_mask (B, 1, A, S) additive or None.
     Returns ((B, A, H, D), None) like HF's attention functions."""
     groups = getattr(module, "num_key_value_groups", 1)
-    plain = (attention_mask is None or groups == 1 or query.device.type != "cpu" or query.shape[2] == 1
-             or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "cache"))
-             or kwargs.get("output_attentions"))
-    if plain:  # HF's path: no mask (is_causal), no groups, CUDA, single query (HF packs it), extras
+    extras = (any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "cache"))
+              or kwargs.get("output_attentions"))
+    batch, heads, queries, dim = query.shape
+    if groups == 1 or query.device.type != "cpu" or extras or attention_mask is None and queries > 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    if queries == 1:  # the group's heads as its queries; a (B, 1, 1, S) mask broadcasts over them
+        out = F.scaled_dot_product_attention(query.reshape(batch, heads // groups, groups, dim), key, value,
+                                             attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+        return out.reshape(batch, 1, heads, dim), None
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                          scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
