@@ -24,15 +24,18 @@ class DepthState:
 
     def __init__(self) -> None:
         self.depth: int | torch.Tensor = 0
-        self.depth_masks: dict[int, torch.Tensor] = {}  # depth d >= 1 -> (B, T, 1) float: token at d
+        self.depth_masks: dict[int, torch.Tensor] = {}  # depth d >= 1 -> (B, T, 1): 1 where the token is at d
 
-    def set(self, depth: int | torch.Tensor) -> None:
+    def set(self, depth: int | torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """dtype: that of the activations, for the per-depth masks (a bool mask would be converted
+        by every LoRA linear that reads it); None keeps them bool."""
         self.depth = depth
         self.depth_masks = {}
         if not isinstance(depth, int):  # built once per forward, shared by every layer
             for d in sorted(int(d) for d in torch.unique(depth).tolist()):
                 if d > 0:
-                    self.depth_masks[d] = (depth == d).unsqueeze(-1)
+                    mask = (depth == d).unsqueeze(-1)
+                    self.depth_masks[d] = mask if dtype is None else mask.to(dtype)
 
 
 class DepthLoRALinear(nn.Module):

@@ -301,7 +301,7 @@ class TaHForCausalLM(nn.Module):
         forward may sit at different depths). Returns logits (B, A, V) and HF's hidden_states tuple
         (only the decider's layers filled) when `need_hidden`. With `need` (B, A) bool, the LM head
         runs only there and the logits come back as (N_need, V), row-major."""
-        self.depth_state.set(depth)
+        self.depth_state.set(depth, inputs.dtype)
         mask = cache.begin_pass(positions, depth, real, inputs.dtype)
         wanted = list(self.decider.needs_hidden) if need_hidden else []
         if need is not None:
