@@ -10,14 +10,23 @@ sequence length 1024, batch 2 (2048 tokens a step). One step = forward + backwar
 Each figure is the median of --steps timed steps after --warmup untimed ones, the rows
 alternating step by step so that load from other processes hits all alike. Prints tokens/s of
 both and the ratio, by wall clock and by process CPU time (the latter is steadier on a shared machine:
-time this process waits for a core does not count). Usage: python benchmarks/bench_train.py [--quick]
+time this process waits for a core does not count).
+
+On Linux the script re-runs itself with glibc malloc settings that keep freed memory for reuse, as
+jemalloc or tcmalloc would (--system-malloc turns this off). Every step frees and reallocates
+several (2048, 32000) float32 tensors (262 MB each: logits, their log-softmax, its gradient); with
+glibc's defaults each comes back as fresh pages, and their page faults cost 0.3 to 1 s on one step
+and nothing on the next (measured here), for either model, which drowned the ratio in noise.
+Usage: python benchmarks/bench_train.py [--quick] [--system-malloc]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -26,6 +35,18 @@ from rich.console import Console
 from rich.table import Table
 
 from tah import TaHConfig, TaHForCausalLM
+
+# Freed memory stays in the heap (no mmap for big blocks, no trimming), so it is reused without faults.
+CACHING_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40), "MALLOC_TOP_PAD_": str(2**30)}
+
+
+def caching_malloc_in_use() -> bool:
+    return all(os.environ.get(key) == value for key, value in CACHING_MALLOC.items())
+
+
+def rerun_with_caching_malloc() -> None:
+    """Replace this process by the same command under CACHING_MALLOC (glibc reads it at start)."""
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CACHING_MALLOC})
 
 
 def stage1_model(lm) -> TaHForCausalLM:
@@ -54,9 +75,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--hard", type=float, default=0.1, help="share of tokens that take a second pass")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="length 256, 1 warmup step, 3 timed steps")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="keep glibc's default malloc settings (page faults on every big tensor; noisy)")
     args = parser.parse_args()
+    if sys.platform == "linux" and not args.system_malloc and not caching_malloc_in_use():
+        rerun_with_caching_malloc()
     if args.quick:
         args.length, args.warmup, args.steps = 256, 1, 3
     torch.set_num_threads(2)
@@ -90,8 +115,9 @@ def main() -> None:
     tokens = args.batch * args.length
     speed = {name: tokens / statistics.median(t) for name, t in wall.items()}
     cpu_speed = {name: tokens / statistics.median(t) for name, t in cpu.items()}
+    malloc = "caching malloc" if caching_malloc_in_use() else "system malloc"
     table = Table(title=f"training step: batch {args.batch} x {args.length} tokens, float32, 2 threads, "
-                        f"{args.hard:.0%} hard, median of {args.steps} steps")
+                        f"{args.hard:.0%} hard, median of {args.steps} steps, {malloc}")
     for col in ("model", "trainable params", "s/step", "tokens/s", "vs SFT", "CPU s/step", "tokens/CPU-s",
                 "vs SFT (CPU)"):
         table.add_column(col, justify="right")
