@@ -220,3 +220,41 @@ def test_growth_mid_pass_keeps_a_single_prefill_exact():
     assert cache.capacity >= 12
     assert torch.equal(cache.entries(), torch.tensor([12, 6]))
     assert (out.logits[valid] - ref.logits[valid]).abs().max() <= ATOL
+
+
+# -- the lone depth-0 query's mask, kept slot by slot -------------------------------------------
+@pytest.mark.parametrize("prompt_mask", [[[1, 1, 1, 1], [1, 1, 1, 1]], [[0, 1, 1, 1], [1, 1, 1, 1]]],
+                         ids=["even rows", "padded row"])
+def test_lone_depth0_mask_follows_the_tags_through_fused_steps_and_rollbacks(prompt_mask):
+    """A lone depth-0 query (the plain decode step) reads a mask the cache keeps up to date as slots
+    are written and rolled back. After fused steps (a depth-1 pass beside a depth-0 draft), deeper
+    passes, and rejected drafts that are or are not the row's last slot, it must equal the
+    duo-causal mask built from the slot tags."""
+    from tah.model.attention import additive_mask, duo_causal_visible
+
+    batch, f32 = 2, torch.float32
+    cache = TaHCache(capacity=2)  # grows on the way
+    ones = torch.ones(batch, 1, dtype=torch.bool)
+    real = torch.tensor(prompt_mask, dtype=torch.bool)
+    checked = 0
+    with torch.no_grad():
+        cache.begin_pass(cache.positions_for(real), 0, real, f32)
+        for step in range(12):
+            positions = cache.seen[:, None].clone()
+            mask = cache.begin_pass(positions, 0, ones, f32)
+            S = int(cache.fill.max())
+            expected = additive_mask(duo_causal_visible(positions, 0, cache.pos[:, :S], cache.depth[:, :S],
+                                                        cache.valid[:, :S]), f32)
+            if mask is not None:  # None: nothing but valid depth-0 entries so far (HF's unmasked path)
+                assert torch.equal(mask, expected), f"step {step}"
+                checked += 1
+            hard = cache.seen[:, None] - 1
+            fused = torch.cat([hard, hard + 1], 1)  # the hard token's depth 1 beside its draft
+            cache.begin_pass(fused, torch.tensor([[1, 0]]).expand(batch, 2), torch.ones(batch, 2, dtype=torch.bool), f32)
+            draft_slots = cache.last_slots[:, 1].clone()
+            if step % 3 == 1:  # a depth-2 pass follows, then the draft is rejected: not the last slot
+                cache.begin_pass(hard, 2, ones, f32)
+                cache.invalidate(torch.arange(batch), draft_slots)
+            elif step % 3 == 2:  # rejected at once: the last slot, reclaimed
+                cache.invalidate(torch.arange(batch), draft_slots)
+    assert checked >= 11  # every step once the first draft exists
