@@ -78,7 +78,7 @@ class RandomDecider(Decider):
             return torch.zeros(positions.shape, dtype=torch.bool, device=positions.device), None
         depths = depth + 1 if isinstance(depth, int) else int(depth.max()) + 1
         table = self._decisions(depths, int(positions.max()) + 1, positions.device)
-        return (table[depth][positions] if isinstance(depth, int) else table[depth, positions]), None
+        return table[depth, positions], None  # one lookup for an int or a tensor depth
 
     def _decisions(self, depths: int, positions: int, device: torch.device) -> torch.Tensor:
         """The (>= depths, >= positions) table of decisions on `device`."""
