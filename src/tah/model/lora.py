@@ -65,12 +65,12 @@ class DepthLoRALinear(nn.Module):
         self._merged: dict[int, torch.Tensor] = {}
 
     def adapter_index(self, depth: int) -> int:
-        return min(depth, len(self.lora_A)) - 1
+        return min(depth, len(self._keys)) - 1
 
     def adapter(self, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the adapter for `depth` >= 1. Reads the ParameterLists' own dicts: their
         indexing costs ~5 us a call, and a fused decode step makes ~100 such calls."""
-        key = self._keys[min(depth, len(self._keys)) - 1]
+        key = self._keys[self.adapter_index(depth)]
         return self.lora_A._parameters[key], self.lora_B._parameters[key]
 
     def delta(self, x: torch.Tensor, depth: int) -> torch.Tensor:
