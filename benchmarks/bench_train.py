@@ -16,7 +16,7 @@ On Linux the script re-runs itself with glibc malloc settings that keep freed me
 jemalloc or tcmalloc would (--system-malloc turns this off). Every step frees and reallocates
 several (2048, 32000) float32 tensors (262 MB each: logits, their log-softmax, its gradient); with
 glibc's defaults each comes back as fresh pages, and their page faults cost 0.3 to 1 s on one step
-and nothing on the next (measured here), for either model, which drowned the ratio in noise.
+and nothing on the next (one-off measurements on the benchmark machine), for either model, which drowned the ratio in noise.
 Usage: python benchmarks/bench_train.py [--quick] [--system-malloc]
 """
 

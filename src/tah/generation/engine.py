@@ -153,12 +153,12 @@ class Decoder:
         col_deep, col_shallow = 0, width - 1
         # Small per-query tags are built in Python and sent once: a handful of tensor ops per step
         # instead of two dozen (each costs microseconds, which add up at batch 1).
-        positions, depth, real = ([[0] * width for _ in range(batch)] for _ in range(3))
+        pos_tags, depth_tags, real_tags = ([[0] * width for _ in range(batch)] for _ in range(3))
         for b in deep:
             row = self.rows[b]
-            positions[b][col_deep], depth[b][col_deep], real[b][col_deep] = row.deep_pos, row.deep_depth, 1
+            pos_tags[b][col_deep], depth_tags[b][col_deep], real_tags[b][col_deep] = row.deep_pos, row.deep_depth, 1
         for b in shallow:
-            positions[b][col_shallow], real[b][col_shallow] = self.rows[b].next_pos, 1
+            pos_tags[b][col_shallow], real_tags[b][col_shallow] = self.rows[b].next_pos, 1
         parts = []  # (column, rows, (N, H) inputs)
         if deep:
             every_row = len(deep) == batch
@@ -173,9 +173,9 @@ class Decoder:
             for col, rows, x in parts:
                 inputs[torch.tensor(rows, device=device), col] = x
         depths = {self.rows[b].deep_depth for b in deep} | ({0} if shallow else set())
-        depth_arg = depths.pop() if len(depths) == 1 else torch.tensor(depth, device=device)
-        logits, hidden = self.model.run_pass(inputs, torch.tensor(positions, device=device),
-                                             torch.tensor(real, dtype=torch.bool, device=device), depth_arg,
+        depth = depths.pop() if len(depths) == 1 else torch.tensor(depth_tags, device=device)
+        logits, hidden = self.model.run_pass(inputs, torch.tensor(pos_tags, device=device),
+                                             torch.tensor(real_tags, dtype=torch.bool, device=device), depth,
                                              self.cache, need_hidden)
         return logits, hidden, (col_deep, col_shallow)
 
@@ -218,10 +218,10 @@ class Decoder:
         """Add the deep queries' logits to their rows' sums; returns a (3, N) device tensor: go on
         (another pass), the final token (when not going on), and the draft's verdict."""
         device = logits.device
-        if len(deep) == len(self.rows):  # every row: no gather, the sum is kept in place
+        idx = None if len(deep) == len(self.rows) else torch.tensor(deep, device=device)
+        if idx is None:  # every row: no gather, the sum is kept in place
             acc = self.deep_acc.add_(logits[:, col])
         else:
-            idx = torch.tensor(deep, device=device)
             acc = self.deep_acc[idx] + logits[idx, col]
             self.deep_acc[idx] = acc
         passes = [self.rows[b].deep_depth + 1 for b in deep]
@@ -236,7 +236,7 @@ class Decoder:
             accepted = torch.zeros_like(tokens)
         else:
             draft_tokens = torch.tensor([0 if d is None else d for d in drafts], device=device)
-            draft_q = None if self.draft_q is None else self.draft_q[torch.tensor(deep, device=device)]
+            draft_q = self.draft_q if self.draft_q is None or idx is None else self.draft_q[idx]
             accepted, tokens = self.sampler.accept(acc, draft_tokens, draft_q)
             if any(d is None for d in drafts):
                 has_draft = torch.tensor([d is not None for d in drafts], device=device)
