@@ -73,12 +73,18 @@ class DepthLoRALinear(nn.Module):
         key = self._keys[self.adapter_index(depth)]
         return self.lora_A._parameters[key], self.lora_B._parameters[key]
 
-    def delta(self, x: torch.Tensor, depth: int) -> torch.Tensor:
-        """scaling * B(A(dropout(x))) with the adapter of `depth` >= 1."""
+    def add_delta_(self, out: torch.Tensor, x: torch.Tensor, depth: int) -> torch.Tensor:
+        """out += scaling * B(A(dropout(x))) with the adapter of `depth` >= 1, in place; returns out.
+
+        One addmm_ adds and scales in the matrix product: no (..., out_features) temporaries for the
+        product, its scaling and the sum, forward or backward. `out` must be a fresh contiguous
+        tensor nobody saved for backward (a linear's output)."""
         a, b = self.adapter(depth)
         if self.training:  # eval-mode dropout is the identity; skipping its module call saves time
             x = self.dropout(x)
-        return F.linear(F.linear(x, a), b) * self.scaling
+        low_rank = F.linear(x, a)
+        out.view(-1, out.shape[-1]).addmm_(low_rank.view(-1, low_rank.shape[-1]), b.t(), alpha=self.scaling)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         depth = self._state.depth
@@ -89,7 +95,7 @@ class DepthLoRALinear(nn.Module):
             index = self.adapter_index(depth)
             if index in self._merged:
                 return F.linear(x, self._merged[index], base.bias)
-            return F.linear(x, base.weight, base.bias) + self.delta(x, depth)
+            return self.add_delta_(F.linear(x, base.weight, base.bias), x, depth)
         out = F.linear(x, base.weight, base.bias)
         dropped = self.dropout(x) if self.training else x
         for d, mask in self._state.depth_masks.items():
