@@ -50,6 +50,18 @@ class DecodeStats:
 
 
 @dataclass
+class _Forward:
+    """What one step's forward returns: logits (B, W, V), HF's hidden_states (or None), the (B, W)
+    positions it ran, and the columns of its deep and shallow queries."""
+
+    logits: torch.Tensor
+    hidden: tuple | None
+    positions: torch.Tensor
+    col_deep: int
+    col_shallow: int
+
+
+@dataclass
 class _Row:
     """Python-side state of one batch row (the logits live in tensors indexed by row)."""
 
@@ -115,14 +127,14 @@ class Decoder:
         deep = [b for b in live if self.rows[b].deep_depth > 0]
         shallow = [b for b in live if self.rows[b].feed is not None]
         normal = [b for b in shallow if self.rows[b].draft is None]  # not a draft awaiting its verdict
-        logits, hidden, cols = self._forward(deep, shallow)
+        step = self._forward(deep, shallow)
         self.stats.forwards += 1
         # The deep results stay on the device until the shallow ones sync (one stall per step).
-        dp = self._deep_results(deep, logits, hidden, cols[0]) if deep else None
-        sh_hard, sh_next = self._shallow_results(shallow, logits, hidden, cols[1]) if shallow else ([], [])
+        dp = self._deep_results(deep, step) if deep else None
+        sh_hard, sh_next = self._shallow_results(shallow, step) if shallow else ([], [])
         waiting = [i for i, b in enumerate(shallow) if self.rows[b].draft is not None]
         if waiting:  # the draft ran beside its hard token: wait for the verdict
-            slots = self.cache.last_slots[:, cols[1]].tolist()
+            slots = self.cache.last_slots[:, step.col_shallow].tolist()
             for i in waiting:
                 row = self.rows[shallow[i]]
                 row.draft_ran, row.draft_slot, row.draft_hard, row.draft_next = True, slots[shallow[i]], sh_hard[i], sh_next[i]
@@ -138,7 +150,7 @@ class Decoder:
         self._apply_copies()
 
     # -- device work ---------------------------------------------------------------------------
-    def _forward(self, deep: list[int], shallow: list[int]):
+    def _forward(self, deep: list[int], shallow: list[int]) -> _Forward:
         """One model forward: column 0 holds the deep queries, the last column the shallow ones."""
         batch = len(self.rows)
         device = self.deep_acc.device
@@ -148,7 +160,7 @@ class Decoder:
             positions = torch.tensor([[row.next_pos] for row in self.rows], device=device)
             real = torch.ones(batch, 1, dtype=torch.bool, device=device)
             logits, hidden = self.model.run_pass(self.embed(feed)[:, None], positions, real, 0, self.cache, need_hidden)
-            return logits, hidden, (0, 0)
+            return _Forward(logits, hidden, positions, 0, 0)
         width = int(bool(deep)) + int(bool(shallow))
         col_deep, col_shallow = 0, width - 1
         # Small per-query tags are built in Python and sent once: a handful of tensor ops per step
@@ -174,36 +186,37 @@ class Decoder:
                 inputs[torch.tensor(rows, device=device), col] = x
         depths = {self.rows[b].deep_depth for b in deep} | ({0} if shallow else set())
         depth = depths.pop() if len(depths) == 1 else torch.tensor(depth_tags, device=device)
-        logits, hidden = self.model.run_pass(inputs, torch.tensor(pos_tags, device=device),
-                                             torch.tensor(real_tags, dtype=torch.bool, device=device), depth,
-                                             self.cache, need_hidden)
-        return logits, hidden, (col_deep, col_shallow)
+        positions = torch.tensor(pos_tags, device=device)
+        logits, hidden = self.model.run_pass(inputs, positions, torch.tensor(real_tags, dtype=torch.bool, device=device),
+                                             depth, self.cache, need_hidden)
+        return _Forward(logits, hidden, positions, col_deep, col_shallow)
 
-    def _decide(self, acc: torch.Tensor, hidden, rows: list[int], col: int, positions: list[int],
-                depths: list[int]) -> torch.Tensor:
-        """(N, V) accumulated logits of queries (rows, col) -> (N,) bool: run another pass."""
+    def _decide(self, acc: torch.Tensor, step: _Forward, rows: list[int], col: int, depths: list[int]) -> torch.Tensor:
+        """(N, V) accumulated logits of queries (rows, col) of `step` -> (N,) bool: run another pass."""
         device = acc.device
+        idx = None if len(rows) == len(self.rows) else torch.tensor(rows, device=device)
+        pos = step.positions[:, col:col + 1] if idx is None else step.positions[idx, col:col + 1]
         picked = None
-        if hidden is not None:
-            idx = torch.tensor(rows, device=device)
-            picked = tuple(h[idx, col][:, None] if h is not None else None for h in hidden)
-        pos = torch.tensor(positions, device=device)[:, None]
+        if step.hidden is not None:
+            picked = tuple(None if h is None else h[:, col:col + 1] if idx is None else h[idx, col][:, None]
+                           for h in step.hidden)
         same = all(d == depths[0] for d in depths)  # an int depth spares the decider a tensor
         depth = depths[0] if same else torch.tensor(depths, device=device)[:, None]
         go_on, _ = self.model.decider(acc[:, None], picked, pos, depth)
         return go_on[:, 0]
 
-    def _shallow_results(self, shallow, logits, hidden, col) -> tuple[list[bool], list[int]]:
+    def _shallow_results(self, shallow: list[int], step: _Forward) -> tuple[list[bool], list[int]]:
         """Pick each shallow query's next token and decide whether it is hard (synced to Python).
         Only hard tokens' depth-0 logits (and sampling distributions) are kept: their deeper passes
         and drafts start from them."""
+        logits, col = step.logits, step.col_shallow
         every_row = len(shallow) == len(self.rows)
         idx = None if every_row else torch.tensor(shallow, device=logits.device)
         l0 = logits[:, col] if every_row else logits[idx, col]
         nxt, q = self.sampler.pick(l0)
         if not self.decides:
             return [False] * len(shallow), nxt.tolist()
-        hard = self._decide(l0, hidden, shallow, col, [self.rows[b].next_pos for b in shallow], [0] * len(shallow))
+        hard = self._decide(l0, step, shallow, col, [0] * len(shallow))
         hard_list, next_list = torch.stack([hard.long(), nxt]).tolist()
         hard_at = [i for i, h in enumerate(hard_list) if h]
         if hard_at:
@@ -214,9 +227,10 @@ class Decoder:
                 self.res_q[rows] = q[at]
         return [bool(h) for h in hard_list], next_list
 
-    def _deep_results(self, deep, logits, hidden, col):
+    def _deep_results(self, deep: list[int], step: _Forward) -> torch.Tensor:
         """Add the deep queries' logits to their rows' sums; returns a (3, N) device tensor: go on
         (another pass), the final token (when not going on), and the draft's verdict."""
+        logits, col = step.logits, step.col_deep
         device = logits.device
         idx = None if len(deep) == len(self.rows) else torch.tensor(deep, device=device)
         if idx is None:  # every row: no gather, the sum is kept in place
@@ -227,7 +241,7 @@ class Decoder:
         passes = [self.rows[b].deep_depth + 1 for b in deep]
         go_on = None
         if any(n < self.max_iter for n in passes):
-            go_on = self._decide(acc, hidden, deep, col, [self.rows[b].deep_pos for b in deep], [n - 1 for n in passes])
+            go_on = self._decide(acc, step, deep, col, [n - 1 for n in passes])
             if not all(n < self.max_iter for n in passes):
                 go_on = go_on & torch.tensor([n < self.max_iter for n in passes], device=device)
         drafts = [self.rows[b].draft for b in deep]

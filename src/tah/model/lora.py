@@ -24,7 +24,7 @@ class DepthState:
 
     def __init__(self) -> None:
         self.depth: int | torch.Tensor = 0
-        self.depth_masks: dict[int, torch.Tensor] = {}  # depth d >= 1 -> (B, T, 1): 1 where the token is at d
+        self.depth_masks: dict[int, torch.Tensor] = {}  # depth d >= 1 -> (B * T, 1): 1 where the token is at d
 
     def set(self, depth: int | torch.Tensor, dtype: torch.dtype | None = None) -> None:
         """dtype: that of the activations, for the per-depth masks (a bool mask would be converted
@@ -34,7 +34,7 @@ class DepthState:
         if not isinstance(depth, int):  # built once per forward, shared by every layer
             for d in sorted(int(d) for d in torch.unique(depth).tolist()):
                 if d > 0:
-                    mask = (depth == d).unsqueeze(-1)
+                    mask = (depth == d).reshape(-1, 1)
                     self.depth_masks[d] = mask if dtype is None else mask.to(dtype)
 
 
@@ -96,11 +96,14 @@ class DepthLoRALinear(nn.Module):
             if index in self._merged:
                 return F.linear(x, self._merged[index], base.bias)
             return self.add_delta_(F.linear(x, base.weight, base.bias), x, depth)
+        # Tokens at several depths (fused decoding): each adapter runs on every row, masked to its
+        # depth's rows at rank r. 2-D products and in-place sums: each tensor op costs microseconds
+        # of dispatch, and a fused decode step runs this for every linear of the model.
         out = F.linear(x, base.weight, base.bias)
-        dropped = self.dropout(x) if self.training else x
+        rows = (self.dropout(x) if self.training else x).reshape(-1, x.shape[-1])
         for d, mask in self._state.depth_masks.items():
             a, b = self.adapter(d)
-            out = torch.addcmul(out, F.linear(F.linear(dropped, a), b), mask, value=self.scaling)
+            out.view(-1, out.shape[-1]).addmm_(torch.mm(rows, a.t()).mul_(mask), b.t(), alpha=self.scaling)
         return out
 
     @torch.no_grad()
