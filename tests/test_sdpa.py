@@ -8,7 +8,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tah import TaHConfig, TaHForCausalLM
-from tah.model.sdpa import NAME, tah_sdpa_attention
+from tah.model.sdpa import NAME, PACKED_QUERIES, tah_sdpa_attention
 
 
 class _Layer(torch.nn.Module):
@@ -18,7 +18,7 @@ class _Layer(torch.nn.Module):
         self.is_causal = True
 
 
-@pytest.mark.parametrize("queries", [1, 2, 7])
+@pytest.mark.parametrize("queries", [1, 2, 7, PACKED_QUERIES + 3])
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_matches_hf_sdpa_with_a_mask(queries, groups):
     gen = torch.Generator().manual_seed(queries * 10 + groups)
@@ -33,6 +33,27 @@ def test_matches_hf_sdpa_with_a_mask(queries, groups):
     theirs, _ = sdpa_attention_forward(layer, query, key, value, mask, scaling=d ** -0.5)
     assert ours.shape == theirs.shape == (b, queries, kv * groups, d)
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("queries", [3, PACKED_QUERIES + 3])
+def test_gradients_under_a_mask_match_hf_sdpa(queries):
+    """Training's deeper pass backpropagates through these paths (packed from PACKED_QUERIES on)."""
+    gen = torch.Generator().manual_seed(queries)
+    b, kv, groups, s, d = 2, 2, 2, 80, 8
+    inputs = [torch.randn(b, kv * groups, queries, d, generator=gen), torch.randn(b, kv, s, d, generator=gen),
+              torch.randn(b, kv, s, d, generator=gen)]
+    visible = torch.rand(b, 1, queries, s, generator=gen) > 0.3
+    visible[..., 0] = True
+    mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    upstream = torch.randn(b, queries, kv * groups, d, generator=gen)
+    grads = []
+    for attention in (tah_sdpa_attention, sdpa_attention_forward):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out, _ = attention(_Layer(groups), *leaves, mask, scaling=d ** -0.5)
+        out.backward(upstream)
+        grads.append([t.grad for t in leaves])
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("groups", [2, 4])
