@@ -7,27 +7,34 @@ sequence length 1024, batch 2 (2048 tokens a step). One step = forward + backwar
            with `labels` and `iter_labels` (a random 10% of positions 2, the rest 1); base + LoRA
            train, the decider is frozen.
   stage 1, 0% hard: the same with every iter_label 1 (no second pass): the wrapper's own cost.
-Each figure is the median of --steps timed steps after --warmup untimed ones, the rows
-alternating step by step so that load from other processes hits all alike. Prints tokens/s of
-both and the ratio, by wall clock and by process CPU time (the latter is steadier on a shared machine:
-time this process waits for a core does not count).
+Within a run, each figure is the median of --steps timed steps after --warmup untimed ones, the
+rows alternating step by step so that load from other processes hits all alike. The script makes
+--runs such runs (3 by default), each in a fresh process: step times are steady within a process
+but move by 2-4% from one process to the next (the same code measured 0.834-0.859 here), so one
+process is one sample. Prints tokens/s of every row and the ratios to SFT, by wall clock and by
+process CPU time (the latter does not count time this process waits for a core): each run's, and
+their median.
 
 On Linux the script re-runs itself with glibc malloc settings that keep freed memory for reuse, as
 jemalloc or tcmalloc would (--system-malloc turns this off). Every step frees and reallocates
 several (2048, 32000) float32 tensors (262 MB each: logits, their log-softmax, its gradient); with
 glibc's defaults each comes back as fresh pages, and their page faults cost 0.3 to 1 s on one step
 and nothing on the next (one-off measurements on the benchmark machine), for either model, which drowned the ratio in noise.
-Usage: python benchmarks/bench_train.py [--quick] [--system-malloc]
+Usage: python benchmarks/bench_train.py [--runs N] [--quick] [--system-malloc]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from bench_decode import base_model, with_small_adapters
@@ -69,24 +76,29 @@ def make_step(model, batch: dict[str, torch.Tensor]):
     return step, sum(p.numel() for p in params)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--hard", type=float, default=0.1, help="share of tokens that take a second pass")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="length 256, 1 warmup step, 3 timed steps")
+    parser.add_argument("--runs", type=int, default=3, help="fresh processes to measure in; the ratios' median is reported")
+    parser.add_argument("--quick", action="store_true", help="length 256, 1 warmup step, 3 timed steps, 1 run")
     parser.add_argument("--system-malloc", action="store_true",
                         help="keep glibc's default malloc settings (page faults on every big tensor; noisy)")
+    parser.add_argument("--result-file", help=argparse.SUPPRESS)  # a child run writes its figures here
     args = parser.parse_args()
-    if sys.platform == "linux" and not args.system_malloc and not caching_malloc_in_use():
-        rerun_with_caching_malloc()
     if args.quick:
-        args.length, args.warmup, args.steps = 256, 1, 3
-    torch.set_num_threads(2)
-    console = Console(width=140)
+        args.length, args.warmup, args.steps, args.runs = 256, 1, 3, 1
+    if args.runs < 1 or args.steps < 1:
+        parser.error("--runs and --steps must be at least 1")
+    return args
 
+
+def measure(args: argparse.Namespace, console: Console) -> dict:
+    """One run in this process: {"wall"/"cpu": {row: median seconds a step}, "params": {row: trainable}}."""
+    torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 32000, (args.batch, args.length), generator=gen)
     iter_labels = torch.where(torch.rand(ids.shape, generator=gen) < args.hard, 2, 1)
@@ -111,25 +123,66 @@ def main() -> None:
         timed = i >= args.warmup
         console.print(f"step {i + 1}/{args.warmup + args.steps}" + ("" if timed else " (warmup)") + "  "
                       + "  ".join(f"{n}: {t[-1]:.2f}s" for n, t in wall.items() if timed), style="dim")
+    return {"wall": {n: statistics.median(t) for n, t in wall.items()},
+            "cpu": {n: statistics.median(t) for n, t in cpu.items()},
+            "params": {n: count for n, (_, count) in steps.items()}}
 
+
+def measure_in_fresh_processes(args: argparse.Namespace, console: Console) -> list[dict]:
+    """Each run is this script again with --runs 1, in its own process (and its own malloc setup)."""
+    forwarded = [f"--length={args.length}", f"--batch={args.batch}", f"--hard={args.hard}",
+                 f"--warmup={args.warmup}", f"--steps={args.steps}", "--runs=1"]
+    forwarded += ["--system-malloc"] if args.system_malloc else []
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in range(args.runs):
+            console.print(f"run {run + 1}/{args.runs} (a fresh process)", style="bold")
+            path = Path(tmp) / f"run{run}.json"
+            subprocess.run([sys.executable, __file__, *forwarded, f"--result-file={path}"], check=True)
+            results.append(json.loads(path.read_text()))
+    return results
+
+
+def report(args: argparse.Namespace, results: list[dict], malloc: str, console: Console) -> None:
     tokens = args.batch * args.length
-    speed = {name: tokens / statistics.median(t) for name, t in wall.items()}
-    cpu_speed = {name: tokens / statistics.median(t) for name, t in cpu.items()}
-    malloc = "caching malloc" if caching_malloc_in_use() else "system malloc"
+    rows = list(results[0]["wall"])
+    ratios = {clock: {name: [r[clock]["plain SFT"] / r[clock][name] for r in results] for name in rows}
+              for clock in ("wall", "cpu")}
+    runs = f"median of {len(results)} runs" if len(results) > 1 else "1 run"
     table = Table(title=f"training step: batch {args.batch} x {args.length} tokens, float32, 2 threads, "
-                        f"{args.hard:.0%} hard, median of {args.steps} steps, {malloc}")
-    for col in ("model", "trainable params", "s/step", "tokens/s", "vs SFT", "CPU s/step", "tokens/CPU-s",
-                "vs SFT (CPU)"):
+                        f"{args.hard:.0%} hard, {args.steps} timed steps a run, {runs}, {malloc}")
+    for col in ("model", "trainable params", "s/step", "tokens/s", "vs SFT", "CPU s/step", "vs SFT (CPU)"):
         table.add_column(col, justify="right")
-    for name in steps:
-        table.add_row(name, f"{steps[name][1] / 1e6:.1f}M", f"{statistics.median(wall[name]):.3f}",
-                      f"{speed[name]:.1f}", f"{speed[name] / speed['plain SFT']:.3f}",
-                      f"{statistics.median(cpu[name]):.3f}", f"{cpu_speed[name]:.1f}",
-                      f"{cpu_speed[name] / cpu_speed['plain SFT']:.3f}")
+    for name in rows:
+        seconds = statistics.median(r["wall"][name] for r in results)
+        table.add_row(name, f"{results[0]['params'][name] / 1e6:.1f}M", f"{seconds:.3f}", f"{tokens / seconds:.1f}",
+                      f"{statistics.median(ratios['wall'][name]):.3f}",
+                      f"{statistics.median(r['cpu'][name] for r in results):.3f}",
+                      f"{statistics.median(ratios['cpu'][name]):.3f}")
     console.print(table)
-    for name in ("TaH stage 1", "TaH stage 1, 0% hard"):
-        console.print(f"{name} / plain SFT tokens/s: {speed[name] / speed['plain SFT']:.3f} (wall clock), "
-                      f"{cpu_speed[name] / cpu_speed['plain SFT']:.3f} (process CPU time)")
+    for name in rows[1:]:
+        each = {clock: ", ".join(f"{x:.3f}" for x in ratios[clock][name]) for clock in ratios}
+        console.print(f"{name} / plain SFT tokens/s: {statistics.median(ratios['wall'][name]):.3f} (wall clock), "
+                      f"{statistics.median(ratios['cpu'][name]):.3f} (process CPU time)"
+                      + (f"; runs: {each['wall']} (wall), {each['cpu']} (CPU)" if len(results) > 1 else ""))
+
+
+def main() -> None:
+    args = parse_args()
+    console = Console(width=140)
+    if args.runs > 1:
+        results = measure_in_fresh_processes(args, console)
+        malloc = "system malloc" if args.system_malloc or sys.platform != "linux" else "caching malloc"
+        report(args, results, malloc, console)
+        return
+    if sys.platform == "linux" and not args.system_malloc and not caching_malloc_in_use():
+        rerun_with_caching_malloc()
+    result = measure(args, console)
+    if args.result_file:  # a child of measure_in_fresh_processes: the parent reports
+        Path(args.result_file).write_text(json.dumps(result))
+        return
+    report(args, [result], "caching malloc" if caching_malloc_in_use() else "system malloc", console)
+
 
 if __name__ == "__main__":
     main()
