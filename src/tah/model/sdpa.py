@@ -44,7 +44,8 @@ def tah_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         out = F.scaled_dot_product_attention(query.reshape(batch, heads // groups, groups, dim), key, value,
                                              attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
         return out.reshape(batch, 1, heads, dim), None
-    if queries >= PACKED_QUERIES and attention_mask.shape[1] == 1:  # (B, KV, groups * A, D) queries under a (B, 1, groups * A, S) mask
+    if queries >= PACKED_QUERIES and attention_mask.shape[1] == 1:
+        # (B, KV, groups * A, D) queries under the (B, 1, groups * A, S) mask repeated per head of a group
         kv_heads, keys = heads // groups, attention_mask.shape[-1]
         mask = attention_mask.expand(batch, groups, queries, keys).reshape(batch, 1, groups * queries, keys)
         out = F.scaled_dot_product_attention(query.reshape(batch, kv_heads, groups * queries, dim), key, value,
