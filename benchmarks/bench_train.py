@@ -10,8 +10,8 @@ sequence length 1024, batch 2 (2048 tokens a step). One step = forward + backwar
 Within a run, each figure is the median of --steps timed steps after --warmup untimed ones, the
 rows alternating step by step so that load from other processes hits all alike. The script makes
 --runs such runs (3 by default), each in a fresh process: step times are steady within a process
-but move by 2-4% from one process to the next (single runs of the same code read 0.834-0.859 on
-2026-11-23), so one process is one sample. Prints tokens/s of every row and the ratios to SFT, by
+but move by 2-4% from one process to the next (single runs read 0.834-0.859 on 2026-11-23), so
+one process is one sample. Prints tokens/s of every row and the ratios to SFT, by
 wall clock and by process CPU time (the latter does not count time this process waits for a core):
 each run's, and their median.
 
