@@ -73,17 +73,20 @@ class DepthLoRALinear(nn.Module):
         key = self._keys[self.adapter_index(depth)]
         return self.lora_A._parameters[key], self.lora_B._parameters[key]
 
-    def add_delta_(self, out: torch.Tensor, x: torch.Tensor, depth: int) -> torch.Tensor:
-        """out += scaling * B(A(dropout(x))) with the adapter of `depth` >= 1, in place; returns out.
+    def add_adapter_(self, out: torch.Tensor, rows: torch.Tensor, depth: int,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+        """out += scaling * B(A(rows)) with the adapter of `depth` >= 1, in place; returns out.
 
-        One addmm_ adds and scales in the matrix product: no (..., out_features) temporaries for the
-        product, its scaling and the sum, forward or backward. `out` must be a fresh contiguous
-        tensor nobody saved for backward (a linear's output)."""
+        rows (N, in_features): the input flattened (after dropout); out (..., out_features) with N
+        rows in all, a fresh contiguous tensor nobody saved for backward (a linear's output); mask
+        (N, 1) keeps the adapter to the rows at `depth`. One addmm_ scales and adds inside the
+        matrix product: no (N, out_features) product, scaled copy or sum, forward or backward, and
+        few tensor ops (each costs microseconds of dispatch in a decode step)."""
         a, b = self.adapter(depth)
-        if self.training:  # eval-mode dropout is the identity; skipping its module call saves time
-            x = self.dropout(x)
-        low_rank = F.linear(x, a)
-        out.view(-1, out.shape[-1]).addmm_(low_rank.view(-1, low_rank.shape[-1]), b.t(), alpha=self.scaling)
+        low_rank = torch.mm(rows, a.t())
+        if mask is not None:
+            low_rank.mul_(mask)
+        out.view(-1, out.shape[-1]).addmm_(low_rank, b.t(), alpha=self.scaling)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,15 +98,14 @@ class DepthLoRALinear(nn.Module):
             index = self.adapter_index(depth)
             if index in self._merged:
                 return F.linear(x, self._merged[index], base.bias)
-            return self.add_delta_(F.linear(x, base.weight, base.bias), x, depth)
-        # Tokens at several depths (fused decoding): each adapter runs on every row, masked to its
-        # depth's rows at rank r. 2-D products and in-place sums: each tensor op costs microseconds
-        # of dispatch, and a fused decode step runs this for every linear of the model.
         out = F.linear(x, base.weight, base.bias)
+        # eval-mode dropout is the identity; skipping its module call saves time
         rows = (self.dropout(x) if self.training else x).reshape(-1, x.shape[-1])
+        if isinstance(depth, int):
+            return self.add_adapter_(out, rows, depth)
+        # Tokens at several depths (fused decoding): each adapter runs on every row, masked to its depth's rows.
         for d, mask in self._state.depth_masks.items():
-            a, b = self.adapter(d)
-            out.view(-1, out.shape[-1]).addmm_(torch.mm(rows, a.t()).mul_(mask), b.t(), alpha=self.scaling)
+            self.add_adapter_(out, rows, d, mask)
         return out
 
     @torch.no_grad()
