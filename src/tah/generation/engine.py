@@ -191,10 +191,11 @@ class Decoder:
                                              depth, self.cache, need_hidden)
         return _Forward(logits, hidden, positions, col_deep, col_shallow)
 
-    def _decide(self, acc: torch.Tensor, step: _Forward, rows: list[int], col: int, depths: list[int]) -> torch.Tensor:
-        """(N, V) accumulated logits of queries (rows, col) of `step` -> (N,) bool: run another pass."""
+    def _decide(self, acc: torch.Tensor, step: _Forward, idx: torch.Tensor | None, col: int,
+                depths: list[int]) -> torch.Tensor:
+        """(N, V) accumulated logits of queries (idx, col) of `step` -> (N,) bool: run another pass.
+        idx: (N,) rows, or None for every row (the callers' own row index, not built twice)."""
         device = acc.device
-        idx = None if len(rows) == len(self.rows) else torch.tensor(rows, device=device)
         pos = step.positions[:, col:col + 1] if idx is None else step.positions[idx, col:col + 1]
         picked = None
         if step.hidden is not None:
@@ -216,7 +217,7 @@ class Decoder:
         nxt, q = self.sampler.pick(l0)
         if not self.decides:
             return [False] * len(shallow), nxt.tolist()
-        hard = self._decide(l0, step, shallow, col, [0] * len(shallow))
+        hard = self._decide(l0, step, idx, col, [0] * len(shallow))
         hard_list, next_list = torch.stack([hard.long(), nxt]).tolist()
         hard_at = [i for i, h in enumerate(hard_list) if h]
         if hard_at:
@@ -241,7 +242,7 @@ class Decoder:
         passes = [self.rows[b].deep_depth + 1 for b in deep]
         go_on = None
         if any(n < self.max_iter for n in passes):
-            go_on = self._decide(acc, step, deep, col, [n - 1 for n in passes])
+            go_on = self._decide(acc, step, idx, col, [n - 1 for n in passes])
             if not all(n < self.max_iter for n in passes):
                 go_on = go_on & torch.tensor([n < self.max_iter for n in passes], device=device)
         drafts = [self.rows[b].draft for b in deep]
