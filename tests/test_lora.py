@@ -48,13 +48,20 @@ def test_depth0_of_a_wrapped_model_is_the_base_model():
     assert torch.equal(wrapped, plain)
 
 
+SCATTERED = [[0, 1, 2, 0, 2, 1, 0], [2, 2, 2, 2, 2, 2, 2], [0, 0, 1, 0, 0, 0, 0]]  # masks
+COLUMNS = [[1, 2, 0], [1, 2, 0], [1, 2, 0]]  # a fused decode step: one column per depth
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+@pytest.mark.parametrize("tags", [SCATTERED, COLUMNS], ids=["scattered", "columns"])
 @pytest.mark.parametrize("num_adapters", [1, 2], ids=["shared", "per_depth"])
-def test_per_token_depth_equals_each_depth_run_separately(num_adapters):
+def test_per_token_depth_equals_each_depth_run_separately(num_adapters, tags, grad):
     module, state = random_lora_linear(num_adapters)
-    x = torch.randn(3, 7, 12)
-    depth = torch.tensor([[0, 1, 2, 0, 2, 1, 0], [2, 2, 2, 2, 2, 2, 2], [0, 0, 1, 0, 0, 0, 0]])
+    depth = torch.tensor(tags)
+    x = torch.randn(*depth.shape, 12)
     state.set(depth)
-    mixed = module(x)
+    with torch.set_grad_enabled(grad):
+        mixed = module(x)
 
     separate = {}
     for d in range(3):
@@ -69,6 +76,25 @@ def test_per_token_depth_equals_each_depth_run_separately(num_adapters):
     torch.testing.assert_close(separate[2], by_hand(module, x, num_adapters - 1), atol=1e-6, rtol=1e-6)
     if num_adapters == 2:
         assert not torch.allclose(separate[1], separate[2], atol=1e-3)
+
+
+def test_decoding_sees_adapters_changed_after_a_forward():
+    """Without autograd the adapters' transposes are kept between calls: a change in place (an
+    optimizer step, load_state_dict) or a cast must reach the next forward."""
+    module, state = random_lora_linear(1)
+    x = torch.randn(2, 2, 12)
+    state.set(torch.tensor([[1, 0], [1, 0]]))
+    with torch.no_grad():
+        module(x)
+        module.lora_B[0].mul_(3.0)
+        module.lora_A[0].add_(0.5)
+        torch.testing.assert_close(module(x)[:, 0], by_hand(module, x[:, 0], 0), atol=1e-5, rtol=1e-5)
+        module.load_state_dict({**module.state_dict(), "lora_B.0": torch.randn(10, 3)})
+        torch.testing.assert_close(module(x)[:, 0], by_hand(module, x[:, 0], 0), atol=1e-5, rtol=1e-5)
+        module.double()
+        out = module(x.double())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out[:, 0], by_hand(module, x[:, 0].double(), 0))
 
 
 def test_per_token_depth_without_deep_tokens_is_the_base_layer():

@@ -24,18 +24,38 @@ class DepthState:
 
     def __init__(self) -> None:
         self.depth: int | torch.Tensor = 0
-        self.depth_masks: dict[int, torch.Tensor] = {}  # depth d >= 1 -> (B * T, 1): 1 where the token is at d
+        # depth d >= 1 -> its queries: a column index when they are exactly one column, every row
+        # (a fused decode step's deep queries), else a (B * T, 1) mask of the flattened queries
+        self.selections: dict[int, int | torch.Tensor] = {}
 
     def set(self, depth: int | torch.Tensor, dtype: torch.dtype | None = None) -> None:
         """dtype: that of the activations, for the per-depth masks (a bool mask would be converted
-        by every LoRA linear that reads it); None keeps them bool."""
+        by every LoRA linear that reads it); None keeps them bool. Built once per forward, shared
+        by every layer."""
         self.depth = depth
-        self.depth_masks = {}
-        if not isinstance(depth, int):  # built once per forward, shared by every layer
+        self.selections = {}
+        if isinstance(depth, int):
+            return
+        if depth.numel() > _FEW_TAGS:
             for d in sorted(int(d) for d in torch.unique(depth).tolist()):
                 if d > 0:
-                    mask = (depth == d).reshape(-1, 1)
-                    self.depth_masks[d] = mask if dtype is None else mask.to(dtype)
+                    self.selections[d] = _mask((depth == d).reshape(-1, 1), dtype)
+            return
+        # Few tags (a decode step): read them once in Python instead of a tensor op per depth.
+        tags = depth.tolist()
+        for d in sorted({t for row in tags for t in row} - {0}):
+            at = [[t == d for t in row] for row in tags]
+            columns = {row.index(True) for row in at if row.count(True) == 1}
+            one_column = len(columns) == 1 and all(row.count(True) == 1 for row in at)
+            self.selections[d] = columns.pop() if one_column else _mask(
+                torch.tensor(at, device=depth.device).reshape(-1, 1), dtype)
+
+
+_FEW_TAGS = 256  # depth tensors up to this size are read in Python
+
+
+def _mask(mask: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return mask if dtype is None else mask.to(dtype)
 
 
 class DepthLoRALinear(nn.Module):
@@ -63,6 +83,7 @@ class DepthLoRALinear(nn.Module):
         self._keys = [str(i) for i in range(num_adapters)]  # ParameterList's names of adapters 0, 1, ...
         self._state = state
         self._merged: dict[int, torch.Tensor] = {}
+        self._inference: list[tuple | None] = [None] * num_adapters  # see factors()
 
     def adapter_index(self, depth: int) -> int:
         return min(depth, len(self._keys)) - 1
@@ -73,20 +94,45 @@ class DepthLoRALinear(nn.Module):
         key = self._keys[self.adapter_index(depth)]
         return self.lora_A._parameters[key], self.lora_B._parameters[key]
 
+    def factors(self, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A^T (in, r), B^T (r, out)) of the adapter for `depth`. Under autograd, views of the
+        parameters. Without it (decoding), plain tensors kept between calls: a view of A (a (1, in)
+        x (in, r) product is fastest against it) and a contiguous copy of B^T ((1, r) x (r, out)
+        takes 1.5 us against it, 4.3 us against the view), remade when B changes in place. A
+        fused decode step makes 56 such calls, and each Python step costs there, as the weights
+        just read have pushed everything else out of the CPU caches."""
+        index = self.adapter_index(depth)
+        if not torch.is_grad_enabled():
+            kept = self._inference[index]
+            if kept is not None and kept[0] == kept[3]._version:
+                return kept[1], kept[2]
+        key = self._keys[index]
+        a, b = self.lora_A._parameters[key], self.lora_B._parameters[key]
+        if torch.is_grad_enabled():
+            return a.t(), b.t()
+        b_plain = b.detach()  # shares B's version counter: an in-place change shows
+        self._inference[index] = (b_plain._version, a.detach().t(), b_plain.t().contiguous(), b_plain)
+        return self._inference[index][1], self._inference[index][2]
+
+    def _apply(self, fn, recurse=True):
+        """Moves and casts (.to, .half, ...) may give the parameters new tensors: drop the kept ones."""
+        self._inference = [None] * len(self._keys)
+        return super()._apply(fn, recurse)
+
     def add_adapter_(self, out: torch.Tensor, rows: torch.Tensor, depth: int,
                      mask: torch.Tensor | None = None) -> torch.Tensor:
         """out += scaling * B(A(rows)) with the adapter of `depth` >= 1, in place; returns out.
 
-        rows (N, in_features): the input flattened (after dropout); out (..., out_features) with N
-        rows in all, a fresh contiguous tensor nobody saved for backward (a linear's output); mask
-        (N, 1) keeps the adapter to the rows at `depth`. One addmm_ scales and adds inside the
-        matrix product: no (N, out_features) product, scaled copy or sum, forward or backward, and
-        few tensor ops (each costs microseconds of dispatch in a decode step)."""
-        a, b = self.adapter(depth)
-        low_rank = torch.mm(rows, a.t())
+        rows (N, in_features), out (N, out_features): 2-D, unit stride along features (views of a
+        column of queries are fine); out is a linear's output nobody saved for backward. mask (N, 1)
+        keeps the adapter to the rows at `depth`. One addmm_ scales and adds inside the matrix
+        product: no (N, out_features) product, scaled copy or sum, forward or backward, and few
+        tensor ops (each costs microseconds of dispatch in a decode step)."""
+        a_t, b_t = self.factors(depth)
+        low_rank = torch.mm(rows, a_t)
         if mask is not None:
             low_rank.mul_(mask)
-        out.view(-1, out.shape[-1]).addmm_(low_rank, b.t(), alpha=self.scaling)
+        out.addmm_(low_rank, b_t, alpha=self.scaling)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,13 +145,18 @@ class DepthLoRALinear(nn.Module):
             if index in self._merged:
                 return F.linear(x, self._merged[index], base.bias)
         out = F.linear(x, base.weight, base.bias)
-        # eval-mode dropout is the identity; skipping its module call saves time
-        rows = (self.dropout(x) if self.training else x).reshape(-1, x.shape[-1])
+        if self.training:  # eval-mode dropout is the identity; skipping its module call saves time
+            x = self.dropout(x)
         if isinstance(depth, int):
-            return self.add_adapter_(out, rows, depth)
-        # Tokens at several depths (fused decoding): each adapter runs on every row, masked to its depth's rows.
-        for d, mask in self._state.depth_masks.items():
-            self.add_adapter_(out, rows, d, mask)
+            self.add_adapter_(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), depth)
+            return out
+        # Queries at several depths (a fused decode step, x (B, T, in)): each adapter runs on its
+        # depth's column, or on every query under a mask.
+        for d, where in self._state.selections.items():
+            if isinstance(where, int):
+                self.add_adapter_(out.select(-2, where), x.select(-2, where), d)
+            else:
+                self.add_adapter_(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), d, where)
         return out
 
     @torch.no_grad()
