@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 2048])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 1.0])
+    parser.add_argument("--draft-candidates", type=int, choices=[1, 2], default=1,
+                        help="draft the depth-0 runner-up too (tah.generate's draft_candidates)")
     parser.add_argument("--quick", action="store_true", help="64 new tokens, 1 repeat, batch 1, context 64")
     args = parser.parse_args()
     if args.quick:
@@ -87,7 +89,8 @@ def main() -> None:
     bare = base_model()
     model = tah_model(copy.deepcopy(bare))
     rates = [None, *args.rates]
-    table = Table(title=f"decode: {args.new_tokens} new tokens, greedy, float32, 2 threads, median of {args.repeats} interleaved")
+    table = Table(title=f"decode: {args.new_tokens} new tokens, greedy, float32, 2 threads, median of {args.repeats} "
+                        f"interleaved, {args.draft_candidates} draft candidate(s)")
     for col in ("batch", "context", "engine", "tokens/s", "vs never", "never vs HF", "iterated", "KV vs base",
                 "draft accept"):
         table.add_column(col, justify="right")
@@ -100,7 +103,8 @@ def main() -> None:
                 ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new, min_new_tokens=new,
                 pad_token_id=0)}
             for rate in rates:
-                runs[rate] = lambda rate=rate, ids=ids, new=new: generate(use_decider(model, rate), ids, max_new_tokens=new)
+                runs[rate] = lambda rate=rate, ids=ids, new=new: generate(
+                    use_decider(model, rate), ids, max_new_tokens=new, draft_candidates=args.draft_candidates)
             measured = interleaved_medians(runs, args.repeats)
             hf_time = measured["HF"][0]
             never_time = measured[None][0]

@@ -258,3 +258,53 @@ def test_lone_depth0_mask_follows_the_tags_through_fused_steps_and_rollbacks(pro
             elif step % 3 == 2:  # rejected at once: the last slot, reclaimed
                 cache.invalidate(torch.arange(batch), draft_slots)
     assert checked >= 11  # every step once the first draft exists
+
+
+# -- rival drafts: two candidates for one token, side by side ------------------------------------
+def test_rival_draft_candidates_compute_what_each_would_alone():
+    """A fused greedy step runs a hard token's depth-1 pass beside two draft candidates for the next
+    position. The candidates share (position, depth 0); neither may see the other's entry, so each
+    (and the deep query) must get the logits it gets in a step without the other."""
+    import copy
+
+    model = make(2, "random", dict(random_rate=0.0, seed=0))
+    ids, mask = left_padded([6], seed=4)
+    embed = model.lm.get_input_embeddings()
+    with torch.no_grad():
+        prefill = model(ids, attention_mask=mask, past_key_values=TaHCache(), use_cache=True).past_key_values
+        soft = torch.randn(1, 1, embed.weight.shape[1], generator=torch.Generator().manual_seed(0))
+        hard_pos = int(prefill.seen[0]) - 1
+
+        def step(tokens: list[int]) -> torch.Tensor:
+            inputs = torch.cat([soft, embed(torch.tensor([tokens]))], dim=1)
+            width = inputs.shape[1]
+            positions = torch.tensor([[hard_pos] + [hard_pos + 1] * (width - 1)])
+            depth = torch.tensor([[1] + [0] * (width - 1)])
+            real = torch.ones(1, width, dtype=torch.bool)
+            logits, _ = model.run_pass(inputs, positions, real, depth, copy.deepcopy(prefill), need_hidden=False)
+            return logits[0]
+
+        both, first, second = step([10, 20]), step([10]), step([20])
+    torch.testing.assert_close(both[0], first[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(both[1], first[1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(both[2], second[1], atol=ATOL, rtol=0)
+    assert not torch.allclose(first[1], second[1], atol=1e-3)  # the candidates differ at all
+
+
+def test_dropping_a_candidate_before_kept_entries_leaves_no_gap():
+    """When the runner-up candidate is kept, the first one's slot lies before it (and before any
+    deeper pass run since): dropping it moves the later entries down, tags and keys alike."""
+    cache = TaHCache(capacity=8)
+    f32 = torch.float32
+    with torch.no_grad():
+        real = torch.ones(1, 3, dtype=torch.bool)
+        cache.begin_pass(torch.tensor([[0, 1, 2]]), 0, real, f32)
+        fused = torch.tensor([[2, 3, 3]])  # depth 1 of token 2, candidates A and B for position 3
+        cache.begin_pass(fused, torch.tensor([[1, 0, 0]]), real, f32)
+        keys = torch.arange(6.0).view(1, 1, 6, 1)  # (B, H, S, D): slot s holds key s
+        cache.keys, cache.values = [keys.clone()], [keys.clone()]
+        cache.invalidate(torch.tensor([0]), torch.tensor([4]))  # A (slot 4) dropped, B (slot 5) kept
+    assert int(cache.fill[0]) == 5 and int(cache.seen[0]) == 4
+    assert cache.pos[0, :5].tolist() == [0, 1, 2, 2, 3] and cache.depth[0, :5].tolist() == [0, 0, 0, 1, 0]
+    assert cache.valid[0, :5].all() and not cache.valid[0, 5:].any()
+    assert cache.keys[0][0, 0, :5, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 5.0]  # B's key moved into A's slot

@@ -49,6 +49,26 @@ def test_rejected_drafts_are_rolled_back():
     assert out.stats.kv_entries == prompt_entries + int(out.iter_counts[:, 1:].sum())
 
 
+@pytest.mark.parametrize("max_iter", [2, 3])
+def test_the_runner_up_draft_is_kept_exactly(max_iter):
+    """draft_candidates=2: greedy drafts two candidates. Twin tokens (each odd row of the tied table is its even
+    neighbour plus a trace of noise) rank nearly level at depth 0, so a deeper pass often picks the
+    runner-up: that draft is kept, the first dropped, and the output is still the reference loop's,
+    with exactly one KV entry per (token, depth reached)."""
+    model = strong_model(max_iter, rate=0.9)
+    table = model.lm.get_input_embeddings().weight
+    with torch.no_grad():
+        table[1::2] = table[0::2] + 1e-3 * torch.randn(table[1::2].shape, generator=torch.Generator().manual_seed(0))
+    ids, mask = left_padded([5, 9, 3, 7], seed=1)
+    reference = generate_reference(model, ids, mask, max_new_tokens=30)
+    out = generate(model, ids, mask, max_new_tokens=30, draft_candidates=2)
+    assert out.stats.runner_ups_accepted > 0
+    assert torch.equal(out.sequences, reference.sequences)
+    assert torch.equal(out.iter_counts, reference.iter_counts)
+    prompt_entries = int(reference.prompt_iter_counts[mask.bool()].sum())
+    assert out.stats.kv_entries == prompt_entries + int(out.iter_counts[:, 1:].sum())
+
+
 def test_eos_stops_one_row_while_others_continue():
     model = strong_model(2)
     ids, mask = left_padded([5, 8], seed=2)
@@ -163,6 +183,8 @@ def test_a_wrong_acceptance_rule_is_caught(always_model, monkeypatch):
     (dict(max_new_tokens=4, stop_strings=[b"x"]), "stop_strings"),
     (dict(max_new_tokens=4, stop_strings="x"), "tokenizer"),
     (dict(max_new_tokens=200), "max_position_embeddings"),
+    (dict(max_new_tokens=4, draft_candidates=3), "draft_candidates"),
+    (dict(max_new_tokens=4, do_sample=True, draft_candidates=2), "greedy"),
 ])
 def test_bad_requests_raise_input_errors(kwargs, words):
     model = tiny_tah(decider="random")

@@ -13,8 +13,10 @@ one does). The draft never sees the depth-1 entry (duo-causal rule: a depth-0 qu
 so its computation is exactly what the unfused loop would do with that token. Once the hard token's
 final logits exist, the draft is kept if it is what the unfused loop would have produced (greedy:
 the argmax; sampling: speculative acceptance, exact in distribution), otherwise its KV entry is
-dropped and the right token runs next. Works for any max_iter: deeper passes of the hard token run
-in the following forwards while the draft waits.
+dropped and the right token runs next. Greedy decoding may draft two candidates, the top two of the
+depth-0 logits, side by side (rivals: neither sees the other's KV entry), since a deeper pass that
+changes the token most often picks the runner-up. Works for any max_iter: deeper passes of the hard
+token run in the following forwards while the drafts wait.
 
 Unfused (`fused=False`): a hard row runs only its deep queries until the token is final; other rows
 of the batch keep decoding in the same forwards.
@@ -37,8 +39,9 @@ from tah.model.soft_input import soft_embedding
 @dataclass
 class DecodeStats:
     forwards: int = 0
-    drafts: int = 0
-    drafts_accepted: int = 0
+    drafts: int = 0  # hard tokens whose next token was drafted
+    drafts_accepted: int = 0  # ... and kept (a candidate was right)
+    runner_ups_accepted: int = 0  # ... kept thanks to the second candidate (draft_candidates=2)
     seconds: float = 0.0
     prefill_seconds: float = 0.0
     kv_entries: int = 0  # KV entries per layer the cache held at the end, summed over rows
@@ -52,7 +55,8 @@ class DecodeStats:
 @dataclass
 class _Forward:
     """What one step's forward returns: logits (B, W, V), HF's hidden_states (or None), the (B, W)
-    positions it ran, and the columns of its deep and shallow queries."""
+    positions it ran, the column of its deep queries and the first of its shallow ones (a row's
+    j-th depth-0 token sits in column col_shallow + j)."""
 
     logits: torch.Tensor
     hidden: tuple | None
@@ -62,30 +66,37 @@ class _Forward:
 
 
 @dataclass
+class _Draft:
+    """A candidate for the token after a pending hard token, run at depth 0 beside its deeper pass."""
+
+    token: int
+    slot: int = -1  # its KV slot, once it ran
+    hard: bool = False  # its own depth-0 verdict, used if it is kept
+    next: tuple[int, ...] = ()  # the token picked from its depth-0 logits (then the runner-up, if drafting two)
+
+
+@dataclass
 class _Row:
     """Python-side state of one batch row (the logits live in tensors indexed by row)."""
 
     next_pos: int  # position of the next depth-0 query
-    feed: int | None = None  # token to run at depth 0 in the next forward
+    feeds: list[int] = field(default_factory=list)  # tokens to run at depth 0, position next_pos, next forward
     deep_depth: int = 0  # depth of the pending hard token's next pass (0: none pending)
     deep_pos: int = 0
-    draft: int | None = None  # token drafted for the position after the hard token
-    draft_ran: bool = False
-    draft_slot: int = -1
-    draft_hard: bool = False  # the draft's own depth-0 verdict, kept until the draft is accepted
-    draft_next: int = 0  # the token picked from the draft's depth-0 logits
+    drafts: list[_Draft] = field(default_factory=list)  # candidates for the position after the hard token
     done: bool = False
     tokens: list[int] = field(default_factory=list)
     passes: list[int] = field(default_factory=list)
 
 
 class Decoder:
-    """One `generate` call: owns the cache, the per-row state and the step loop."""
+    """One `generate` call: owns the cache, the per-row state and the step loop. candidates: draft
+    candidates per hard token when fused (2: greedy only)."""
 
     def __init__(self, model, sampler: Sampler, *, max_new_tokens: int, eos_ids: set[int], fused: bool,
-                 stop=None, streamer=None) -> None:
+                 candidates: int = 1, stop=None, streamer=None) -> None:
         self.model, self.sampler, self.max_new, self.eos_ids = model, sampler, max_new_tokens, eos_ids
-        self.fused, self.stop, self.streamer = fused, stop, streamer
+        self.fused, self.candidates, self.stop, self.streamer = fused, candidates, stop, streamer
         self.max_iter = model.tah_config.max_iter
         decider = model.decider
         self.decides = self.max_iter > 1 and not (isinstance(decider, ConstantDecider) and not decider.value)
@@ -104,15 +115,16 @@ class Decoder:
         device, dtype = out.logits.device, out.logits.dtype
         self.deep_acc = torch.zeros(batch, vocab, device=device, dtype=dtype)  # pending hard tokens
         self.draft_q = torch.zeros(batch, vocab, device=device) if not self.sampler.greedy else None
-        self.res_l0 = torch.zeros(batch, vocab, device=device, dtype=dtype)  # last depth-0 logits per row
-        self.res_q = torch.zeros(batch, vocab, device=device) if not self.sampler.greedy else None
+        # depth-0 logits (and sampling distributions) of hard tokens, by row and feed (see _Row.feeds)
+        self.res_l0 = torch.zeros(batch, self.candidates, vocab, device=device, dtype=dtype)
+        self.res_q = torch.zeros(batch, 1, vocab, device=device) if not self.sampler.greedy else None
         lengths = attention_mask.sum(1).tolist()
         self.rows = [_Row(next_pos=int(n)) for n in lengths]
         first, _ = self.sampler.pick(out.logits[:, -1])
         for row, token, passes in zip(self.rows, first.tolist(), out.iter_count[:, -1].tolist(), strict=True):
             self._emit(row, token, passes)
             if not row.done:
-                row.feed = token
+                row.feeds = [token]
         self.stats.prefill_seconds = time.perf_counter() - started
         while not all(row.done for row in self.rows):
             self._step()
@@ -125,78 +137,84 @@ class Decoder:
     def _step(self) -> None:
         live = [b for b, r in enumerate(self.rows) if not r.done]
         deep = [b for b in live if self.rows[b].deep_depth > 0]
-        shallow = [b for b in live if self.rows[b].feed is not None]
-        normal = [b for b in shallow if self.rows[b].draft is None]  # not a draft awaiting its verdict
+        shallow = [b for b in live if self.rows[b].feeds]
+        normal = [b for b in shallow if not self.rows[b].drafts]  # not drafts awaiting their verdict
         step = self._forward(deep, shallow)
         self.stats.forwards += 1
         # The deep results stay on the device until the shallow ones sync (one stall per step).
         dp = self._deep_results(deep, step) if deep else None
-        sh_hard, sh_next = self._shallow_results(shallow, step) if shallow else ([], [])
-        waiting = [i for i, b in enumerate(shallow) if self.rows[b].draft is not None]
-        if waiting:  # the draft ran beside its hard token: wait for the verdict
-            slots = self.cache.last_slots[:, step.col_shallow].tolist()
-            for i in waiting:
-                row = self.rows[shallow[i]]
-                row.draft_ran, row.draft_slot, row.draft_hard, row.draft_next = True, slots[shallow[i]], sh_hard[i], sh_next[i]
-                row.feed = None
-        self.copies: list[tuple[int, str]] = []
+        results = self._shallow_results(shallow, step) if shallow else []
+        if len(normal) < len(shallow):  # drafts ran beside their hard token: they wait for its verdict
+            slots = self.cache.last_slots.tolist()
+            for b, row_results in zip(shallow, results, strict=True):
+                if b in normal:
+                    continue
+                row = self.rows[b]
+                for j, (draft, (hard, picks)) in enumerate(zip(row.drafts, row_results, strict=True)):
+                    draft.slot, draft.hard, draft.next = slots[b][step.col_shallow + j], hard, picks
+                row.feeds = []
+        self.copies: list[tuple[int, int, str]] = []  # (row, feed, what)
         self.rollbacks: list[tuple[int, int]] = []
         if dp is not None:
-            for b, go_on, final_token, accepted in zip(deep, *dp.tolist(), strict=True):
-                self._after_deep(self.rows[b], b, bool(go_on), final_token, bool(accepted))
-        for b, hard, nxt in zip(shallow, sh_hard, sh_next, strict=True):
+            for b, go_on, final_token, kept in zip(deep, *dp.tolist(), strict=True):
+                self._after_deep(self.rows[b], b, bool(go_on), final_token, kept)
+        for b, row_results in zip(shallow, results, strict=True):
             if b in normal:
-                self._after_shallow(self.rows[b], b, hard, nxt)
+                hard, picks = row_results[0]
+                self._after_shallow(self.rows[b], b, hard, picks, 0)
         self._apply_copies()
 
     # -- device work ---------------------------------------------------------------------------
     def _forward(self, deep: list[int], shallow: list[int]) -> _Forward:
-        """One model forward: column 0 holds the deep queries, the last column the shallow ones."""
+        """One model forward: column 0 holds the deep queries, the next ones each row's depth-0 tokens."""
         batch = len(self.rows)
         device = self.deep_acc.device
         need_hidden = self.decides and bool(self.model.decider.needs_hidden)
-        if not deep and len(shallow) == batch:  # the plain step: one depth-0 token per row
-            feed = torch.tensor([row.feed for row in self.rows], device=device)
+        feeds = [(b, j, token) for b in shallow for j, token in enumerate(self.rows[b].feeds)]
+        if not deep and len(feeds) == batch and len(shallow) == batch:  # the plain step: one token per row
+            feed = torch.tensor([token for _, _, token in feeds], device=device)
             positions = torch.tensor([[row.next_pos] for row in self.rows], device=device)
             real = torch.ones(batch, 1, dtype=torch.bool, device=device)
             logits, hidden = self.model.run_pass(self.embed(feed)[:, None], positions, real, 0, self.cache, need_hidden)
             return _Forward(logits, hidden, positions, 0, 0)
-        width = int(bool(deep)) + int(bool(shallow))
-        col_deep, col_shallow = 0, width - 1
+        col_deep, col_shallow = 0, int(bool(deep))
+        width = col_shallow + max((j + 1 for _, j, _ in feeds), default=0)
         # Small per-query tags are built in Python and sent once: a handful of tensor ops per step
         # instead of two dozen (each costs microseconds, which add up at batch 1).
         pos_tags, depth_tags, real_tags = ([[0] * width for _ in range(batch)] for _ in range(3))
         for b in deep:
             row = self.rows[b]
             pos_tags[b][col_deep], depth_tags[b][col_deep], real_tags[b][col_deep] = row.deep_pos, row.deep_depth, 1
-        for b in shallow:
-            pos_tags[b][col_shallow], real_tags[b][col_shallow] = self.rows[b].next_pos, 1
-        parts = []  # (column, rows, (N, H) inputs)
+        for b, j, _ in feeds:
+            pos_tags[b][col_shallow + j], real_tags[b][col_shallow + j] = self.rows[b].next_pos, 1
+        parts = []  # (rows, columns, (N, H) inputs)
         if deep:
-            every_row = len(deep) == batch
-            acc = self.deep_acc if every_row else self.deep_acc[torch.tensor(deep, device=device)]
-            parts.append((col_deep, deep, soft_embedding(acc, self.embed.weight, self.model.tah_config.input_topk)))
-        if shallow:
-            parts.append((col_shallow, shallow, self.embed(torch.tensor([self.rows[b].feed for b in shallow], device=device))))
-        if all(len(rows) == batch for _, rows, _ in parts):
-            inputs = torch.stack([x for _, _, x in parts], dim=1)
+            acc = self.deep_acc if len(deep) == batch else self.deep_acc[torch.tensor(deep, device=device)]
+            parts.append((deep, [col_deep] * len(deep),
+                          soft_embedding(acc, self.embed.weight, self.model.tah_config.input_topk)))
+        if feeds:
+            tokens = torch.tensor([token for _, _, token in feeds], device=device)
+            parts.append(([b for b, _, _ in feeds], [col_shallow + j for _, j, _ in feeds], self.embed(tokens)))
+        if sum(len(rows) for rows, _, _ in parts) == batch * width:  # every slot of the step is a query
+            inputs = torch.cat([x.view(batch, -1, x.shape[-1]) for _, _, x in parts], dim=1)
         else:
             inputs = parts[0][2].new_zeros(batch, width, parts[0][2].shape[-1])
-            for col, rows, x in parts:
-                inputs[torch.tensor(rows, device=device), col] = x
-        depths = {self.rows[b].deep_depth for b in deep} | ({0} if shallow else set())
+            for rows, cols, x in parts:
+                inputs[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = x
+        depths = {self.rows[b].deep_depth for b in deep} | ({0} if feeds else set())
         depth = depths.pop() if len(depths) == 1 else torch.tensor(depth_tags, device=device)
         positions = torch.tensor(pos_tags, device=device)
         logits, hidden = self.model.run_pass(inputs, positions, torch.tensor(real_tags, dtype=torch.bool, device=device),
                                              depth, self.cache, need_hidden)
         return _Forward(logits, hidden, positions, col_deep, col_shallow)
 
-    def _decide(self, acc: torch.Tensor, step: _Forward, idx: torch.Tensor | None, col: int,
+    def _decide(self, acc: torch.Tensor, step: _Forward, idx: torch.Tensor | None, col: int | torch.Tensor,
                 depths: list[int]) -> torch.Tensor:
         """(N, V) accumulated logits of queries (idx, col) of `step` -> (N,) bool: run another pass.
-        idx: (N,) rows, or None for every row (the callers' own row index, not built twice)."""
+        idx: (N,) rows, or None for every row (the callers' own row index, not built twice); col:
+        one column, or (N,) columns with idx."""
         device = acc.device
-        pos = step.positions[:, col:col + 1] if idx is None else step.positions[idx, col:col + 1]
+        pos = step.positions[:, col:col + 1] if idx is None else step.positions[idx, col][:, None]
         picked = None
         if step.hidden is not None:
             picked = tuple(None if h is None else h[:, col:col + 1] if idx is None else h[idx, col][:, None]
@@ -206,31 +224,61 @@ class Decoder:
         go_on, _ = self.model.decider(acc[:, None], picked, pos, depth)
         return go_on[:, 0]
 
-    def _shallow_results(self, shallow: list[int], step: _Forward) -> tuple[list[bool], list[int]]:
-        """Pick each shallow query's next token and decide whether it is hard (synced to Python).
-        Only hard tokens' depth-0 logits (and sampling distributions) are kept: their deeper passes
-        and drafts start from them."""
+    def _shallow_results(self, shallow: list[int], step: _Forward) -> list[list[tuple[bool, tuple[int, ...]]]]:
+        """Per shallow row, per depth-0 token it ran: (hard?, picks), synced to Python; picks: the
+        next token from its logits, then for a hard token the runner-up when drafting two. Only
+        hard tokens' depth-0 logits (and sampling distributions) are kept: their deeper passes and
+        drafts start from them."""
         logits, col = step.logits, step.col_shallow
-        every_row = len(shallow) == len(self.rows)
-        idx = None if every_row else torch.tensor(shallow, device=logits.device)
-        l0 = logits[:, col] if every_row else logits[idx, col]
+        counts = [len(self.rows[b].feeds) for b in shallow]
+        one_each = len(shallow) == len(self.rows) and all(n == 1 for n in counts)
+        rows = [b for b, n in zip(shallow, counts, strict=True) for _ in range(n)]
+        feeds = [j for n in counts for j in range(n)]
+        idx = cols = None
+        if one_each:
+            l0 = logits[:, col]
+        else:
+            idx = torch.tensor(rows, device=logits.device)
+            cols = torch.tensor([col + j for j in feeds], device=logits.device)
+            l0 = logits[idx, cols]
         nxt, q = self.sampler.pick(l0)
         if not self.decides:
-            return [False] * len(shallow), nxt.tolist()
-        hard = self._decide(l0, step, idx, col, [0] * len(shallow))
-        hard_list, next_list = torch.stack([hard.long(), nxt]).tolist()
+            hard_list, next_list = [0] * len(rows), nxt.tolist()
+        else:
+            hard = self._decide(l0, step, idx, col if one_each else cols, [0] * len(rows))
+            hard_list, next_list = torch.stack([hard.long(), nxt]).tolist()
+        picks = [(token,) for token in next_list]
         hard_at = [i for i, h in enumerate(hard_list) if h]
         if hard_at:
-            at = torch.tensor(hard_at, device=logits.device)
-            rows = torch.tensor([shallow[i] for i in hard_at], device=logits.device)
-            self.res_l0[rows] = l0[at]
-            if q is not None:
-                self.res_q[rows] = q[at]
-        return [bool(h) for h in hard_list], next_list
+            picks = self._keep_hard(l0, q, hard_at, rows, feeds, picks)
+        results, start = [], 0
+        for n in counts:
+            results.append([(bool(h), p) for h, p in zip(hard_list[start:start + n], picks[start:start + n], strict=True)])
+            start += n
+        return results
+
+    def _keep_hard(self, l0: torch.Tensor, q: torch.Tensor | None, hard_at: list[int], rows: list[int],
+                   feeds: list[int], picks: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """Keep the depth-0 logits (and distributions) of the hard tokens at `hard_at` (indices of
+        l0's rows, which belong to `rows` and `feeds`); when drafting two candidates, add each one's
+        runner-up to its picks."""
+        at = torch.tensor(hard_at, device=l0.device)
+        where = (torch.tensor([rows[i] for i in hard_at], device=l0.device),
+                 torch.tensor([feeds[i] for i in hard_at], device=l0.device))
+        self.res_l0[where] = l0[at]
+        if q is not None:
+            self.res_q[where] = q[at]
+        if self.candidates < 2:
+            return picks
+        picks = list(picks)
+        for i, second in zip(hard_at, l0[at].topk(2).indices[:, 1].tolist(), strict=True):
+            picks[i] = (picks[i][0], second)
+        return picks
 
     def _deep_results(self, deep: list[int], step: _Forward) -> torch.Tensor:
         """Add the deep queries' logits to their rows' sums; returns a (3, N) device tensor: go on
-        (another pass), the final token (when not going on), and the draft's verdict."""
+        (another pass), the final token (when not going on), and the draft candidate kept (-1:
+        none)."""
         logits, col = step.logits, step.col_deep
         device = logits.device
         idx = None if len(deep) == len(self.rows) else torch.tensor(deep, device=device)
@@ -245,68 +293,78 @@ class Decoder:
             go_on = self._decide(acc, step, idx, col, [n - 1 for n in passes])
             if not all(n < self.max_iter for n in passes):
                 go_on = go_on & torch.tensor([n < self.max_iter for n in passes], device=device)
-        drafts = [self.rows[b].draft for b in deep]
-        if all(d is None for d in drafts):
+        drafts = [[d.token for d in self.rows[b].drafts] for b in deep]
+        if not any(drafts):
             tokens, _ = self.sampler.pick(acc)
-            accepted = torch.zeros_like(tokens)
+            kept = torch.full_like(tokens, -1)
+        elif self.sampler.greedy:  # keep the candidate that is the argmax, if any
+            tokens, _ = self.sampler.pick(acc)
+            candidates = torch.tensor([d + [-1] * (self.candidates - len(d)) for d in drafts], device=device)
+            match = candidates == tokens[:, None]
+            kept = torch.where(match.any(1), match.long().argmax(1), -1)
         else:
-            draft_tokens = torch.tensor([0 if d is None else d for d in drafts], device=device)
-            draft_q = self.draft_q if self.draft_q is None or idx is None else self.draft_q[idx]
+            draft_tokens = torch.tensor([d[0] if d else 0 for d in drafts], device=device)
+            draft_q = self.draft_q if idx is None else self.draft_q[idx]
             accepted, tokens = self.sampler.accept(acc, draft_tokens, draft_q)
-            if any(d is None for d in drafts):
-                has_draft = torch.tensor([d is not None for d in drafts], device=device)
+            if not all(drafts):
+                has_draft = torch.tensor([bool(d) for d in drafts], device=device)
                 picked, _ = self.sampler.pick(acc)
                 tokens, accepted = torch.where(has_draft, tokens, picked), accepted & has_draft
-        return torch.stack([torch.zeros_like(tokens) if go_on is None else go_on.long(), tokens, accepted.long()])
+            kept = torch.where(accepted, 0, -1)
+        return torch.stack([torch.zeros_like(tokens) if go_on is None else go_on.long(), tokens, kept])
 
     # -- row transitions -----------------------------------------------------------------------
-    def _after_shallow(self, row: _Row, b: int, hard: bool, nxt: int) -> None:
-        """The token at row.next_pos finished its depth-0 pass."""
+    def _after_shallow(self, row: _Row, b: int, hard: bool, picks: tuple[int, ...], feed: int) -> None:
+        """The row's `feed`-th token at row.next_pos finished its depth-0 pass; picks: the next
+        token from its logits (then the runner-up, when drafting two candidates)."""
         pos = row.next_pos
         if hard:
             row.deep_depth, row.deep_pos = 1, pos
-            self.copies.append((b, "hard"))
+            self.copies.append((b, feed, "hard"))
             if self.fused and len(row.tokens) + 1 < self.max_new:
-                row.draft, row.draft_ran, row.feed, row.next_pos = nxt, False, nxt, pos + 1
-                self.copies.append((b, "draft"))
+                candidates = list(dict.fromkeys(picks[:self.candidates]))  # a tie may make them one token
+                row.drafts = [_Draft(token) for token in candidates]
+                row.feeds, row.next_pos = candidates, pos + 1
+                self.copies.append((b, feed, "draft"))
                 self.stats.drafts += 1
             else:
-                row.feed = None
+                row.feeds = []
             return
-        self._emit(row, nxt, 1)
-        row.feed, row.next_pos = (None if row.done else nxt), pos + 1
+        self._emit(row, picks[0], 1)
+        row.feeds, row.next_pos = ([] if row.done else [picks[0]]), pos + 1
 
-    def _after_deep(self, row: _Row, b: int, go_on: bool, token: int, accepted: bool) -> None:
+    def _after_deep(self, row: _Row, b: int, go_on: bool, token: int, kept: int) -> None:
+        """The pending hard token finished a deeper pass; kept: the draft candidate that is its
+        final token (or the accepted sample), -1 for none."""
         if go_on:
             row.deep_depth += 1
             return
         passes, hard_pos = row.deep_depth + 1, row.deep_pos
         row.deep_depth = 0
-        had_draft, ran = row.draft is not None, row.draft_ran
-        row.draft, row.draft_ran = None, False
+        drafts, row.drafts = row.drafts, []
         self._emit(row, token, passes)
         if row.done:
             return
-        if had_draft and accepted:
+        for j, draft in enumerate(drafts):
+            if j != kept and draft.slot >= 0:
+                self.rollbacks.append((b, draft.slot))
+        row.feeds, row.next_pos = [token], hard_pos + 1
+        if kept >= 0:
             self.stats.drafts_accepted += 1
-            row.next_pos, row.feed = hard_pos + 1, token
-            self._after_shallow(row, b, row.draft_hard, row.draft_next)
-            return
-        if had_draft and ran:
-            self.rollbacks.append((b, row.draft_slot))
-        row.feed, row.next_pos = token, hard_pos + 1
+            self.stats.runner_ups_accepted += kept > 0
+            self._after_shallow(row, b, drafts[kept].hard, drafts[kept].next, kept)
 
     def _apply_copies(self) -> None:
         """Batch the tensor copies the row transitions asked for."""
         for kind in ("hard", "draft"):
-            rows = [b for b, k in self.copies if k == kind]
-            if not rows:
+            chosen = [(b, j) for b, j, k in self.copies if k == kind]
+            if not chosen or kind == "draft" and self.draft_q is None:
                 continue
-            idx = torch.tensor(rows, device=self.deep_acc.device)
+            rows, feeds = (torch.tensor(x, device=self.deep_acc.device) for x in zip(*chosen, strict=True))
             if kind == "hard":
-                self.deep_acc[idx] = self.res_l0[idx]
-            elif self.draft_q is not None:
-                self.draft_q[idx] = self.res_q[idx]
+                self.deep_acc[rows] = self.res_l0[rows, feeds]
+            else:
+                self.draft_q[rows] = self.res_q[rows, feeds]
         if self.rollbacks:
             rows, slots = zip(*self.rollbacks, strict=True)
             device = self.deep_acc.device

@@ -108,7 +108,24 @@ class TaHCache:
             bias = self.shallow_bias[:, None, None, :S]
             return bias.clone() if torch.is_grad_enabled() else bias  # autograd saves the mask
         visible = duo_causal_visible(positions, depth, self.pos[:, :S], self.depth[:, :S], self.valid[:, :S])
+        if width > 1:
+            visible = self._hide_rivals(visible, positions, depth, real)
         return additive_mask(visible, dtype)
+
+    def _hide_rivals(self, visible: torch.Tensor, positions: torch.Tensor, depth: int | torch.Tensor,
+                     real: torch.Tensor) -> torch.Tensor:
+        """Rivals are two queries of one pass at the same (position, depth): the draft candidates
+        for one token in a fused decode step. Neither may see the other's entry, so each computes
+        exactly what it would alone. Elsewhere every (token, depth) has one entry and this changes
+        nothing. visible (B, A, S) -> the same with rivals' entries hidden."""
+        width = positions.shape[1]
+        rival = positions[:, :, None] == positions[:, None, :]
+        if isinstance(depth, torch.Tensor):
+            rival &= depth[:, :, None] == depth[:, None, :]
+        rival &= real[:, :, None] & real[:, None, :]
+        rival &= ~torch.eye(width, dtype=torch.bool, device=positions.device)
+        index = self.last_slots[:, None, :].expand(-1, width, -1)  # (B, A, A): the slot of key query j
+        return visible.scatter(2, index, visible.gather(2, index) & ~rival)
 
     def _bias(self, visible: bool | torch.Tensor) -> float | torch.Tensor:
         """Additive mask values for slots whose visibility to a lone depth-0 query is `visible`."""
@@ -197,14 +214,32 @@ class TaHCache:
         return self._slots
 
     def invalidate(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
-        """Drop entries (rolled-back drafts): nobody sees them again; a row's last slot is reclaimed."""
+        """Drop entries (rolled-back drafts): nobody sees them again, and the row's later entries
+        move down over them, so a row keeps exactly one slot per (token, depth it reached)."""
         self._plain = False
         shallow = ((self.depth[rows, slots] == 0) & self.valid[rows, slots]).long()
         self.seen = self.seen.index_put((rows,), -shallow, accumulate=True)
         self.valid[rows, slots] = False
         self.shallow_bias[rows, slots] = self._bias(False)
-        last = slots == self.fill[rows] - 1
-        self.fill = self.fill.index_put((rows[last],), -torch.ones_like(slots[last]), accumulate=True)
+        for b, first in zip(*_first_per_row(rows, slots), strict=True):
+            self._close_gaps(b, first)
+
+    def _close_gaps(self, b: int, start: int) -> None:
+        """Move row b's valid entries from slot `start` on to the front of that range, in order.
+        Decoding only (in place), and rare: a handful of slots over every layer's buffers."""
+        end = int(self.fill[b])
+        kept = self.valid[b, start:end].nonzero()[:, 0] + start
+        n = kept.numel()
+        if n and not bool((kept == torch.arange(start, start + n, device=kept.device)).all()):
+            target = slice(start, start + n)
+            for buffer in self.keys + self.values:
+                if buffer is not None:
+                    buffer[b, :, target] = buffer[b, :, kept]
+            for tags in (self.pos, self.depth, self.valid, self.shallow_bias):
+                tags[b, target] = tags[b, kept]
+        self.valid[b, start + n:end] = False
+        self.shallow_bias[b, start + n:end] = self._bias(False)
+        self.fill[b] = start + n
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.seen is None else int(self.seen.max())
@@ -216,6 +251,14 @@ class TaHCache:
     def nbytes(self) -> int:
         """Bytes held by the key and value buffers of all layers."""
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+
+def _first_per_row(rows: torch.Tensor, slots: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The rows named in `rows` and, for each, its lowest slot in `slots`."""
+    first: dict[int, int] = {}
+    for b, slot in zip(rows.tolist(), slots.tolist(), strict=True):
+        first[b] = min(slot, first.get(b, slot))
+    return list(first), list(first.values())
 
 
 def _extend(t: torch.Tensor, size: int, dim: int, fill: float = 0) -> torch.Tensor:
