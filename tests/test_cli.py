@@ -49,6 +49,19 @@ def test_generate_without_colour_prints_plain_text(saved_model, capsys, monkeypa
     assert "\x1b[" not in out and "5 tokens" in out
 
 
+def test_two_draft_candidates_print_the_same_text(saved_model, capsys, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    texts = []
+    for candidates in ("1", "2"):
+        assert main(["generate", "--model", str(saved_model), "--prompt", "hello", "--max-new-tokens", "16",
+                     "--draft-candidates", candidates]) == 0
+        texts.append(capsys.readouterr().out.rsplit("\n16 tokens", 1)[0])
+    assert texts[0] == texts[1] and texts[0].strip()
+    assert main(["generate", "--model", str(saved_model), "--prompt", "abc", "--do-sample", "--max-new-tokens", "4",
+                 "--draft-candidates", "2"]) == 2
+    assert "greedy" in capsys.readouterr().err
+
+
 def test_bad_request_is_a_clear_error_not_a_traceback(saved_model, capsys):
     assert main(["generate", "--model", str(saved_model), "--prompt", "abc", "--max-new-tokens", "0"]) == 2
     assert "max_new_tokens" in capsys.readouterr().err

@@ -40,7 +40,8 @@ def _generate(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                   eos_token_id=tokenizer.eos_token_id, seed=args.seed, streamer=streamer, fused=not args.no_fused)
+                   eos_token_id=tokenizer.eos_token_id, seed=args.seed, streamer=streamer, fused=not args.no_fused,
+                   draft_candidates=args.draft_candidates)
     seconds = time.perf_counter() - started
     counts = out.iter_counts[0]
     produced = int((counts > 0).sum())
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--threshold", type=float, default=None, help="decider threshold (default: the checkpoint's)")
     gen.add_argument("--no-fused", action="store_true", help="run each latent iteration in its own forward")
+    gen.add_argument("--draft-candidates", type=int, default=1, choices=[1, 2],
+                     help="2: also draft the depth-0 runner-up beside a hard token (greedy; same tokens)")
     gen.add_argument("--show-depth", action="store_true", help="colour each token by its number of passes")
     gen.set_defaults(run=_generate)
 
