@@ -1,10 +1,11 @@
 """Batched TaH decoding with fused latent iterations.
 
-Every step is one forward of the base model over at most two queries per row:
+Every step is one forward of the base model over at most two queries per row (three with two draft
+candidates):
 
 - a *deep* query: the next pass (depth >= 1) of the row's pending hard token, fed with a soft
   embedding of its accumulated logits;
-- a *shallow* query: depth 0 of the row's next token.
+- a *shallow* query: depth 0 of the row's next token (or of each draft candidate for it).
 
 Fused (the default): when a token turns out hard, the row does not wait for its deeper passes. It
 drafts the next token from the depth-0 logits and runs that draft's depth 0 in the same forward as
