@@ -203,6 +203,8 @@ class Decoder:
             for rows, cols, x in parts:
                 inputs[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = x
         depths = {self.rows[b].deep_depth for b in deep} | ({0} if feeds else set())
+        # Draft candidates are rivals, which the cache looks for in mixed-depth passes only: they
+        # always run beside their hard token's deeper pass.
         depth = depths.pop() if len(depths) == 1 else torch.tensor(depth_tags, device=device)
         positions = torch.tensor(pos_tags, device=device)
         logits, hidden = self.model.run_pass(inputs, positions, torch.tensor(real_tags, dtype=torch.bool, device=device),

@@ -108,20 +108,20 @@ class TaHCache:
             bias = self.shallow_bias[:, None, None, :S]
             return bias.clone() if torch.is_grad_enabled() else bias  # autograd saves the mask
         visible = duo_causal_visible(positions, depth, self.pos[:, :S], self.depth[:, :S], self.valid[:, :S])
-        if width > 1:
+        if isinstance(depth, torch.Tensor) and width > 1:  # a pass at one depth has one query per position
             visible = self._hide_rivals(visible, positions, depth)
         return additive_mask(visible, dtype)
 
-    def _hide_rivals(self, visible: torch.Tensor, positions: torch.Tensor, depth: int | torch.Tensor) -> torch.Tensor:
+    def _hide_rivals(self, visible: torch.Tensor, positions: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
         """Rivals are two queries of one pass at the same (position, depth): the draft candidates
-        for one token in a fused decode step. Neither may see the other's entry, so each computes
-        exactly what it would alone. Elsewhere every (token, depth) has one entry and this changes
-        nothing. visible (B, A, S) -> the same with rivals' entries hidden."""
+        for one token in a fused decode step, which always holds a deeper query too, so its depth
+        is a tensor (passes at one depth, as in prefill and training, take one position per real
+        token). Neither rival may see the other's entry, so each computes exactly what it would
+        alone; elsewhere every (token, depth) has one entry and this changes nothing. visible
+        (B, A, S) -> the same with rivals' entries hidden."""
         width = positions.shape[1]
         # Padding needs no care: padding entries are invalid, padding queries' outputs unread.
-        rival = positions[:, :, None] == positions[:, None, :]
-        if isinstance(depth, torch.Tensor):
-            rival &= depth[:, :, None] == depth[:, None, :]
+        rival = (positions[:, :, None] == positions[:, None, :]) & (depth[:, :, None] == depth[:, None, :])
         rival.diagonal(dim1=1, dim2=2).fill_(False)
         index = self.last_slots[:, None, :].expand(-1, width, -1)  # (B, A, A): the slot of key query j
         return visible.scatter(2, index, visible.gather(2, index) & ~rival)

@@ -88,19 +88,15 @@ class DepthLoRALinear(nn.Module):
     def adapter_index(self, depth: int) -> int:
         return min(depth, len(self._keys)) - 1
 
-    def adapter(self, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of the adapter for `depth` >= 1. Reads the ParameterLists' own dicts: their
-        indexing costs ~5 us a call, and a fused decode step makes ~100 such calls."""
-        key = self._keys[self.adapter_index(depth)]
-        return self.lora_A._parameters[key], self.lora_B._parameters[key]
-
     def factors(self, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A^T (in, r), B^T (r, out)) of the adapter for `depth`. Under autograd, views of the
         parameters. Without it (decoding), plain tensors kept between calls: a view of A (a (1, in)
         x (in, r) product is fastest against it) and a contiguous copy of B^T ((1, r) x (r, out)
         takes 1.5 us against it, 4.3 us against the view), remade when B changes in place. A
         fused decode step makes 56 such calls, and each Python step costs there, as the weights
-        just read have pushed everything else out of the CPU caches."""
+        just read have pushed everything else out of the CPU caches (hence also the ParameterLists'
+        own dicts: their indexing costs ~5 us a call). A's view follows A's in-place changes;
+        moves and casts drop what is kept (see _apply)."""
         index = self.adapter_index(depth)
         if not torch.is_grad_enabled():
             kept = self._inference[index]
