@@ -139,7 +139,7 @@ class Decoder:
         live = [b for b, r in enumerate(self.rows) if not r.done]
         deep = [b for b in live if self.rows[b].deep_depth > 0]
         shallow = [b for b in live if self.rows[b].feeds]
-        normal = [b for b in shallow if not self.rows[b].drafts]  # not drafts awaiting their verdict
+        normal = {b for b in shallow if not self.rows[b].drafts}  # not drafts awaiting their verdict
         step = self._forward(deep, shallow)
         self.stats.forwards += 1
         # The deep results stay on the device until the shallow ones sync (one stall per step).

@@ -45,8 +45,8 @@ class DepthState:
         tags = depth.tolist()
         for d in sorted({t for row in tags for t in row} - {0}):
             at = [[t == d for t in row] for row in tags]
-            columns = {row.index(True) for row in at if row.count(True) == 1}
-            one_column = len(columns) == 1 and all(row.count(True) == 1 for row in at)
+            columns = {row.index(True) if row.count(True) == 1 else -1 for row in at}
+            one_column = len(columns) == 1 and -1 not in columns
             self.selections[d] = columns.pop() if one_column else _mask(
                 torch.tensor(at, device=depth.device).reshape(-1, 1), dtype)
 
