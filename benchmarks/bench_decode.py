@@ -3,7 +3,9 @@
 A random-init Qwen3 of ~41M parameters (vocab 32000, hidden 512, 8 layers, 8 heads / 4 KV heads,
 head_dim 64, MLP 1536, tied embeddings), float32, 2 threads; greedy; the `random` decider makes a
 chosen share of tokens iterate (max_iter 2). Every figure is a ratio measured in this one run
-(median of --repeats runs, taken round-robin after a warm-up). Usage: python benchmarks/bench_decode.py [--quick]
+(median of --repeats runs, taken round-robin after a warm-up). --breakdown adds where each TaH row's
+extra time goes, from the engine's step timings (DecodeStats) of its last run against the `never`
+engine's last run. Usage: python benchmarks/bench_decode.py [--quick] [--breakdown]
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--draft-candidates", type=int, choices=[1, 2], default=1,
                         help="draft the depth-0 runner-up too (tah.generate's draft_candidates)")
     parser.add_argument("--quick", action="store_true", help="64 new tokens, 1 repeat, batch 1, context 64")
+    parser.add_argument("--breakdown", action="store_true", help="also print where TaH's extra time goes")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.repeats, args.batches, args.contexts = 64, 1, [1], [64]
@@ -94,6 +97,7 @@ def main() -> None:
     for col in ("batch", "context", "engine", "tokens/s", "vs never", "never vs HF", "iterated", "KV vs base",
                 "draft accept"):
         table.add_column(col, justify="right")
+    breakdown = breakdown_table()
     gen = torch.Generator().manual_seed(0)
     for batch in args.batches:
         for context in args.contexts:
@@ -119,9 +123,47 @@ def main() -> None:
                        f"{stats.acceptance:.1%}" if stats.drafts else "-")
                 table.add_row(*row)
                 console.print("  ".join(row), style="dim")  # progress, before the table at the end
+                if rate is not None:
+                    breakdown.add_row(str(batch), str(context), label, *extra_time(stats, measured[None][1].stats))
             table.add_row(str(batch), str(context), "HF generate (bare)", f"{batch * new / hf_time:.1f}", "", "",
                           "", "1.000", "")
     console.print(table)
+    if args.breakdown:
+        console.print(breakdown)
+
+
+def breakdown_table() -> Table:
+    table = Table(title="where TaH's extra time goes: ms vs the `never` engine (last run of each), "
+                        "each part's share of never's time in brackets")
+    for col, note in (("batch", ""), ("context", ""), ("engine", ""), ("prefill", "hard prompt tokens"),
+                      ("deep steps", "count x extra each"), ("extra steps", "rolled-back drafts"),
+                      ("shallow steps", "count x extra each"), ("rest", "loop, output"), ("total", "")):
+        table.add_column(f"{col}\n({note})" if note else col, justify="right")
+    return table
+
+
+def extra_time(tah, never) -> tuple[str, ...]:
+    """TaH's extra seconds over the `never` engine, split into parts that sum to the whole. A step
+    is priced at never's mean step: a deeper pass costs what its step takes beyond that, a rolled-back
+    draft costs one more step (fusing saves one per kept draft), and a depth-0-only step costs what
+    the decider and the masked attention add."""
+    step = never.shallow_seconds / max(never.shallow_steps, 1)
+    parts = {
+        "prefill": tah.prefill_seconds - never.prefill_seconds,
+        "deep": tah.deep_seconds - tah.deep_steps * step,
+        "steps": (tah.forwards - never.forwards) * step,
+        "shallow": tah.shallow_seconds - tah.shallow_steps * step,
+    }
+    parts["rest"] = tah.seconds - never.seconds - sum(parts.values())
+    total = tah.seconds - never.seconds
+
+    def cell(seconds: float, count: int | None = None) -> str:
+        each = f"{count} x {seconds / count * 1e3:+.2f} = " if count else ""
+        return f"{each}{seconds * 1e3:+.0f} ({seconds / never.seconds:+.1%})"
+
+    return (cell(parts["prefill"]), cell(parts["deep"], tah.deep_steps),
+            f"{tah.forwards - never.forwards:+d} = {cell(parts['steps'])}", cell(parts["shallow"], tah.shallow_steps),
+            cell(parts["rest"]), cell(total))
 
 
 def kv_ratio(out, batch: int, context: int, new: int) -> float:

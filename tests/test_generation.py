@@ -8,6 +8,7 @@ import torch
 from conftest import left_padded, randomize_lora, tiny_lm, tiny_tah
 from tah import InputError
 from tah.generation import Sampler, generate, generate_reference
+from tah.model.decider import ConstantDecider
 
 
 def strong_model(max_iter: int, decider: str = "random", rate: float = 0.5, **config):
@@ -34,6 +35,25 @@ def test_greedy_equals_the_reference_loop_fused_and_unfused(max_iter, decider):
     fused_stats, unfused_stats = stats
     assert fused_stats.drafts > 0 and unfused_stats.drafts == 0
     assert fused_stats.forwards < unfused_stats.forwards  # the point of fusing
+
+
+
+@pytest.mark.parametrize("max_iter", [2, 3])
+@pytest.mark.parametrize("fused", [True, False])
+def test_decode_steps_are_counted_by_kind(max_iter, fused):
+    """DecodeStats splits the steps after prefill into depth-0-only ones and ones that ran a deeper
+    pass (bench_decode.py --breakdown prices TaH's extra time from them). In one row, every deeper
+    pass of a generated token takes a step of its own; the first token's passes ran in prefill."""
+    model = strong_model(max_iter, rate=0.5)
+    ids = torch.randint(3, 60, (1, 7), generator=torch.Generator().manual_seed(2))
+    out = generate(model, ids, max_new_tokens=30, fused=fused)
+    stats = out.stats
+    assert stats.deep_steps == int((out.iter_counts[0, 1:] - 1).sum()) > 0
+    assert stats.forwards == stats.shallow_steps + stats.deep_steps
+    assert 0 < stats.shallow_seconds + stats.deep_seconds <= stats.seconds - stats.prefill_seconds
+    model.decider = ConstantDecider(False)
+    plain = generate(model, ids, max_new_tokens=30).stats
+    assert (plain.deep_steps, plain.deep_seconds, plain.shallow_steps) == (0, 0.0, 29)
 
 
 def test_rejected_drafts_are_rolled_back():

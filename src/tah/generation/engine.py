@@ -45,12 +45,27 @@ class DecodeStats:
     runner_ups_accepted: int = 0  # ... kept thanks to the second candidate (draft_candidates=2)
     seconds: float = 0.0
     prefill_seconds: float = 0.0
+    # the decode steps after prefill, split by whether a deeper pass ran in them: where a TaH run's
+    # extra time goes (benchmarks/bench_decode.py --breakdown)
+    shallow_steps: int = 0  # depth-0 queries only
+    shallow_seconds: float = 0.0
+    deep_steps: int = 0  # with at least one deeper pass (fused with drafts, or alone)
+    deep_seconds: float = 0.0
     kv_entries: int = 0  # KV entries per layer the cache held at the end, summed over rows
     kv_bytes: int = 0  # bytes the cache allocated
 
     @property
     def acceptance(self) -> float:
         return self.drafts_accepted / self.drafts if self.drafts else float("nan")
+
+    def record_step(self, deep: bool, seconds: float) -> None:
+        self.forwards += 1
+        if deep:
+            self.deep_steps += 1
+            self.deep_seconds += seconds
+        else:
+            self.shallow_steps += 1
+            self.shallow_seconds += seconds
 
 
 @dataclass
@@ -128,20 +143,22 @@ class Decoder:
                 row.feeds = [token]
         self.stats.prefill_seconds = time.perf_counter() - started
         while not all(row.done for row in self.rows):
-            self._step()
+            step_started = time.perf_counter()
+            deep = self._step()
+            self.stats.record_step(deep, time.perf_counter() - step_started)
         self.stats.seconds = time.perf_counter() - started
         self.stats.kv_entries, self.stats.kv_bytes = int(self.cache.entries().sum()), self.cache.nbytes()
         if self.streamer is not None:
             self.streamer.end()
         return self._output(input_ids)
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One forward and the row transitions it allows; returns whether a deeper pass ran."""
         live = [b for b, r in enumerate(self.rows) if not r.done]
         deep = [b for b in live if self.rows[b].deep_depth > 0]
         shallow = [b for b in live if self.rows[b].feeds]
         normal = {b for b in shallow if not self.rows[b].drafts}  # not drafts awaiting their verdict
         step = self._forward(deep, shallow)
-        self.stats.forwards += 1
         # The deep results stay on the device until the shallow ones sync (one stall per step).
         dp = self._deep_results(deep, step) if deep else None
         results = self._shallow_results(shallow, step) if shallow else []
@@ -164,6 +181,7 @@ class Decoder:
                 hard, picks = row_results[0]
                 self._after_shallow(self.rows[b], b, hard, picks, 0)
         self._apply_copies()
+        return bool(deep)
 
     # -- device work ---------------------------------------------------------------------------
     def _forward(self, deep: list[int], shallow: list[int]) -> _Forward:
