@@ -8,7 +8,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tah import TaHConfig, TaHForCausalLM
-from tah.model.sdpa import NAME, PACKED_QUERIES, tah_sdpa_attention
+from tah.model.sdpa import NAME, PACKED_QUERIES, packed_mask, tah_sdpa_attention
 
 
 class _Layer(torch.nn.Module):
@@ -55,6 +55,19 @@ def test_gradients_under_a_mask_match_hf_sdpa(queries):
     for ours, theirs in zip(*grads, strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
+
+
+def test_the_packed_mask_is_made_once_per_mask():
+    """Every layer of a pass gets the same mask: its per-head copy is made once, not per layer (under
+    autograd each layer would save its own), and remade for another group count."""
+    visible = torch.rand(2, 1, PACKED_QUERIES, 9, generator=torch.Generator().manual_seed(0)) > 0.3
+    mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    first = packed_mask(mask, 2)
+    assert packed_mask(mask, 2) is first
+    assert torch.equal(first.view(2, 2, PACKED_QUERIES, 9), mask.expand(2, 2, PACKED_QUERIES, 9))
+    regrouped = packed_mask(mask, 4)
+    assert regrouped.shape == (2, 1, 4 * PACKED_QUERIES, 9)
+    assert torch.equal(regrouped.view(2, 4, PACKED_QUERIES, 9), mask.expand(2, 4, PACKED_QUERIES, 9))
 
 @pytest.mark.parametrize("groups", [2, 4])
 def test_a_single_query_without_a_mask_matches_hf_sdpa(groups):
