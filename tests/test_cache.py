@@ -308,3 +308,73 @@ def test_dropping_a_candidate_before_kept_entries_leaves_no_gap():
     assert cache.pos[0, :5].tolist() == [0, 1, 2, 2, 3] and cache.depth[0, :5].tolist() == [0, 0, 0, 1, 0]
     assert cache.valid[0, :5].all() and not cache.valid[0, 5:].any()
     assert cache.keys[0][0, 0, :5, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 5.0]  # B's key moved into A's slot
+
+
+# -- split: depth-0 entries in one region, deeper ones in another (what decoding uses) ------------
+@pytest.mark.parametrize("max_iter", [2, 3])
+@pytest.mark.parametrize("capacity,deep_capacity", [(64, 16), (2, 1)], ids=["roomy", "growing"])
+def test_a_split_cache_is_invisible_too(max_iter, capacity, deep_capacity):
+    """Prefill and single-token steps through a split cache give the logits and iteration counts of one
+    prefill, with padded rows, whether or not its regions have to grow (region 1 moves up when
+    region 0 grows); it holds the same entries per row as a cache in one run of slots."""
+    model = make(max_iter, "random", dict(random_rate=0.5, seed=3))
+    ids, mask = left_padded([10, 6, 8], seed=5)
+    valid = mask.bool()
+    split = TaHCache(capacity=capacity, deep_capacity=deep_capacity)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=True)
+        logits, iters, cache = run_steps(model, ids, mask, 4, cache=split)
+    assert torch.equal(iters[valid], full.iter_count[valid])
+    assert (logits[valid] - full.logits[valid]).abs().max() <= ATOL
+    assert torch.equal(split.entries(), full.past_key_values.entries())
+    assert (split.fill <= split.capacity).all() and (split.deep_fill <= split.deep_capacity).all()
+    assert all(k.shape[2] == split.slots_per_row for k in split.keys + split.values)
+    if capacity == 2:
+        assert split.capacity >= 2 * capacity and split.deep_capacity >= 2 * deep_capacity
+    for b in range(ids.shape[0]):  # region 0: the row's depth-0 entries; region 1: its deeper ones
+        region0 = slice(0, int(split.fill[b]))
+        region1 = slice(split.capacity, split.capacity + int(split.deep_fill[b]))
+        assert bool(split.valid[b, region0].all()) and bool((split.depth[b, region0] == 0).all())
+        assert bool(split.valid[b, region1].all()) and bool((split.depth[b, region1] > 0).all())
+        assert int(split.valid[b].sum()) == int(split.entries()[b])
+
+
+def test_a_split_cache_keeps_lone_depth0_queries_unmasked():
+    """The point of splitting: once deeper entries exist, a lone depth-0 query per row still reads a
+    plain prefix of depth-0 entries, so it takes HF's unmasked path (mask None) as in the base model;
+    after a fused step (depth 1 beside a depth-0 draft) and a rolled-back draft as well. A row of
+    another length needs the slot-by-slot mask, which matches the tags."""
+    from tah.model.attention import additive_mask, duo_causal_visible
+
+    f32, ones = torch.float32, torch.ones(1, 1, dtype=torch.bool)
+    with torch.no_grad():
+        cache = TaHCache(capacity=4, deep_capacity=2)
+        assert cache.begin_pass(torch.arange(4)[None], 0, torch.ones(1, 4, dtype=torch.bool), f32) is None
+        for step in range(6):
+            hard = cache.seen[:, None] - 1
+            fused = cache.begin_pass(torch.cat([hard, hard + 1], 1), torch.tensor([[1, 0]]),
+                                     torch.ones(1, 2, dtype=torch.bool), f32)
+            assert fused is not None  # the deep query needs the duo-causal mask
+            if step % 2:  # the draft is rejected: its slot is reclaimed
+                cache.invalidate(torch.tensor([0]), cache.last_slots[:, 1].clone())
+            assert cache.begin_pass(cache.seen[:, None].clone(), 0, ones, f32) is None, f"step {step}"
+        assert int(cache.deep_fill[0]) == 6 and cache.deep_capacity >= 6
+        padded = TaHCache(capacity=4, deep_capacity=2)
+        real = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool)
+        padded.begin_pass(padded.positions_for(real), 0, real, f32)
+        padded.begin_pass(padded.seen[:, None] - 1, 1, torch.ones(2, 1, dtype=torch.bool), f32)
+        positions = padded.seen[:, None].clone()
+        mask = padded.begin_pass(positions, 0, torch.ones(2, 1, dtype=torch.bool), f32)
+        S = mask.shape[-1]
+        assert S <= padded.capacity  # depth-0 queries read region 0 only
+        expected = additive_mask(duo_causal_visible(positions, 0, padded.pos[:, :S], padded.depth[:, :S],
+                                                    padded.valid[:, :S]), f32)
+        assert torch.equal(mask, expected)
+
+
+def test_a_split_cache_refuses_autograd():
+    """Split caches are written in place, which would hide the writes from autograd."""
+    cache = TaHCache(capacity=4, deep_capacity=2)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        cache.begin_pass(torch.arange(3)[None], 0, torch.ones(1, 3, dtype=torch.bool), torch.float32)
+

@@ -124,7 +124,7 @@ class Decoder:
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int) -> GenerationOutput:
         started = time.perf_counter()
         batch = input_ids.shape[0]
-        self.cache = TaHCache(capacity=capacity)
+        self.cache = TaHCache(capacity=capacity, deep_capacity=capacity // 8 + 16)
         out = self.model(input_ids, attention_mask=attention_mask, past_key_values=self.cache, use_cache=True,
                          logits_to_keep=1)
         vocab = out.logits.shape[-1]

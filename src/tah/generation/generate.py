@@ -45,7 +45,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if input_ids.shape[0] != 1:
             raise InputError("a streamer can follow one prompt only; pass a batch of 1 or no streamer")
         streamer.put(input_ids.cpu())
-    capacity = cache_capacity or input_ids.shape[1] + max_new_tokens + max_new_tokens // 8 + 16
+    capacity = cache_capacity or input_ids.shape[1] + max_new_tokens + 16  # depth-0 slots; deeper ones apart
     decoder = Decoder(model, sampler, max_new_tokens=max_new_tokens, eos_ids=eos_ids, fused=fused,
                       candidates=draft_candidates, stop=stop, streamer=streamer)
     was_training = model.training

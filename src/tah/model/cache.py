@@ -6,6 +6,12 @@ padding just after (marked invalid, overwritten by the next pass), so a row hold
 entry per (token, depth it reached). Capacity grows by doubling; attention reads a view of the
 first `S` slots, never a concatenation. HF attention layers call `update()` like a `Cache`.
 
+Split (`deep_capacity` given; what decoding uses): each row keeps its depth-0 entries in slots
+[0, capacity) and its deeper ones after them, from slot `capacity` on. A depth-0 query then reads a
+plain prefix of depth-0 entries, on HF's unmasked path as in the base model, however many deeper
+entries exist; a pass with deeper queries reads both regions (and the free slots between them,
+masked). Split caches are written in place only (no autograd).
+
 Under autograd (training) a pass instead appends one block to every row at the longest row's fill
 (shorter rows keep a gap of invalid slots) and the buffers are concatenated, never written in
 place: autograd would otherwise copy a whole buffer in backward for every write. Training runs a
@@ -20,8 +26,13 @@ from tah.model.attention import additive_mask, duo_causal_visible
 
 
 class TaHCache:
-    def __init__(self, capacity: int = 64) -> None:
+    def __init__(self, capacity: int = 64, deep_capacity: int | None = None) -> None:
+        """capacity: slots per row before the first growth (split: for depth-0 entries);
+        deep_capacity: None keeps every entry in one run of slots, an int splits rows (see above)
+        with that many slots for deeper entries to start with."""
         self.capacity = capacity
+        self.deep_capacity = deep_capacity
+        self.deep_fill: torch.Tensor | None = None  # split: (B,) live deeper entries per row
         self.keys: list[torch.Tensor | None] = []
         self.values: list[torch.Tensor | None] = []
         self.pos: torch.Tensor | None = None  # (B, capacity) token position of each slot
@@ -35,6 +46,9 @@ class TaHCache:
         self.seen: torch.Tensor | None = None  # (B,) valid depth-0 tokens per row = next position
         self._slots: torch.Tensor | None = None  # (B, A) where the current pass writes
         self._start: int | None = None  # set when the current pass writes one contiguous block
+        # split: (first column, columns, first slot) when every row writes the same column runs to the
+        # same contiguous slots (a fused decode step's deep column to region 1, the rest to region 0)
+        self._blocks: list[tuple[int, int, int]] | None = None
         # Under autograd: every row's block starts at _block_start; block slot j holds query
         # _order[:, j] (None: query j, the pass is already in slot order).
         self._block_start = 0
@@ -61,6 +75,8 @@ class TaHCache:
         """
         batch, width = positions.shape
         self._ensure_rows(batch, positions.device, dtype)
+        if self.deep_capacity is not None:
+            return self._begin_split_pass(positions, depth, real, dtype)
         fill = self.fill
         all_real = bool(real.all())
         # One contiguous block of slots when every row is filled alike and the pass has no padding.
@@ -103,14 +119,92 @@ class TaHCache:
         self._plain = self._plain and depth0 and self._start is not None
         if depth0 and self._start == 0 or self._plain and width == 1:
             return None  # HF's fast path: causal from an empty cache, or one query that sees all
-        S = self._length
-        if depth0 and width == 1:  # sees every valid depth-0 entry: they all precede it
+        return self._mask(positions, depth, dtype)
+
+    def _mask(self, positions: torch.Tensor, depth: int | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The (B, 1, A, S) additive mask of this pass's queries over the first S slots."""
+        S, width = self._length, positions.shape[1]
+        if isinstance(depth, int) and depth == 0 and width == 1:  # sees every valid depth-0 entry: all precede it
             bias = self.shallow_bias[:, None, None, :S]
             return bias.clone() if torch.is_grad_enabled() else bias  # autograd saves the mask
         visible = duo_causal_visible(positions, depth, self.pos[:, :S], self.depth[:, :S], self.valid[:, :S])
         if isinstance(depth, torch.Tensor) and width > 1:  # a pass at one depth has one query per position
             visible = self._hide_rivals(visible, positions, depth)
         return additive_mask(visible, dtype)
+
+    def _begin_split_pass(self, positions: torch.Tensor, depth: int | torch.Tensor, real: torch.Tensor,
+                          dtype: torch.dtype) -> torch.Tensor | None:
+        """begin_pass of a split cache: depth-0 queries take slots in region 0, deeper ones in region 1,
+        each region filled left to right (real tokens first, then padding, as in one run)."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("a split TaHCache (deep_capacity set) is written in place; run it under torch.no_grad()")
+        width = positions.shape[1]
+        shallow = depth == 0 if isinstance(depth, int) else None  # None: a mixed-depth pass
+        in_region0 = torch.full_like(real, shallow) if shallow is not None else depth == 0
+        counts0 = in_region0.sum(1)  # queries (real or padding) per row in each region
+        counts1 = width - counts0
+        end0, end1 = int((self.fill + counts0).max()), int((self.deep_fill + counts1).max())  # past the last slot written
+        self._grow_split(end0, end1)
+        all_real = bool(real.all())
+        self._place_split(positions, depth, real, in_region0, shallow, all_real)
+        self.fill = self.fill + (counts0 if all_real else (real & in_region0).sum(1))
+        self.deep_fill = self.deep_fill + (counts1 if all_real else (real & ~in_region0).sum(1))
+        self.seen = self.seen + width if shallow and all_real else self.seen + (real & in_region0).sum(1)
+        # Depth-0 queries read region 0 only; deeper ones need region 1 too.
+        deep = not shallow if shallow is not None else bool(counts1.any())
+        self._length = self.capacity + end1 if deep else end0
+        if shallow and self._start is not None and (self._start == 0 or width == 1):
+            return None  # region 0 holds valid depth-0 entries only: causal from empty, or one query that sees all
+        return self._mask(positions, depth, dtype)
+
+    def _place_split(self, positions: torch.Tensor, depth: int | torch.Tensor, real: torch.Tensor,
+                     in_region0: torch.Tensor, shallow: bool | None, all_real: bool) -> None:
+        """Choose this pass's slots in a split cache and write their tags: one block (a pass at one
+        depth, rows filled alike), a block per region (a fused step whose rows are alike), or scattered."""
+        self._start, self._blocks, self._slots = None, None, None
+        if shallow is not None and all_real:
+            fill = self.fill if shallow else self.deep_fill
+            if bool((fill == fill[0]).all()):
+                self._start = int(fill[0]) + (0 if shallow else self.capacity)
+                self._blocks = [(0, positions.shape[1], self._start)]
+        elif shallow is None and all_real:
+            self._blocks = self._column_blocks(in_region0)
+        if self._blocks is not None:
+            for col, n, slot in self._blocks:
+                window, columns = slice(slot, slot + n), slice(col, col + n)
+                self.pos[:, window] = positions[:, columns]
+                self.depth[:, window] = depth if isinstance(depth, int) else depth[:, columns]
+                self.valid[:, window] = True
+                self.shallow_bias[:, window] = self._bias(slot < self.capacity)
+            if self._start is not None:
+                self._blocks = None  # one block: the contiguous path of update() and last_slots
+            return
+        slots = torch.where(in_region0, self.fill[:, None] + _in_block(real, in_region0),
+                            self.capacity + self.deep_fill[:, None] + _in_block(real, ~in_region0))
+        rows = torch.arange(real.shape[0], device=real.device)[:, None]
+        self.pos[rows, slots] = positions
+        self.depth[rows, slots] = depth if isinstance(depth, torch.Tensor) else torch.full_like(positions, depth)
+        self.valid[rows, slots] = real
+        self.shallow_bias[rows, slots] = self._bias(real & in_region0)
+        self._slots = slots
+
+    def _column_blocks(self, in_region0: torch.Tensor) -> list[tuple[int, int, int]] | None:
+        """Blocks (first column, columns, first slot) of a mixed pass of real queries when each row
+        sends the same contiguous run of columns to each region and the rows' fills are equal (a
+        fused decode step at batch 1, always); else None."""
+        pattern = in_region0.tolist()
+        if any(row != pattern[0] for row in pattern[1:]):
+            return None
+        if not (bool((self.fill == self.fill[0]).all()) and bool((self.deep_fill == self.deep_fill[0]).all())):
+            return None
+        blocks = []
+        for region, first_slot in ((True, int(self.fill[0])), (False, self.capacity + int(self.deep_fill[0]))):
+            columns = [c for c, r in enumerate(pattern[0]) if r == region]
+            if columns and columns[-1] - columns[0] + 1 != len(columns):
+                return None
+            if columns:
+                blocks.append((columns[0], len(columns), first_slot))
+        return blocks
 
     def _hide_rivals(self, visible: torch.Tensor, positions: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
         """Rivals are two queries of one pass at the same (position, depth): the draft candidates
@@ -137,14 +231,37 @@ class TaHCache:
         if self.shallow_bias is not None and self.shallow_bias.dtype != dtype:
             self.shallow_bias = self.shallow_bias.to(dtype)
         if self.fill is None:
+            slots = self.slots_per_row
             self.fill = torch.zeros(batch, dtype=torch.long, device=device)
+            self.deep_fill = torch.zeros(batch, dtype=torch.long, device=device) if self.deep_capacity is not None else None
             self.seen = torch.zeros(batch, dtype=torch.long, device=device)
-            self.pos = torch.zeros(batch, self.capacity, dtype=torch.long, device=device)
-            self.depth = torch.zeros(batch, self.capacity, dtype=torch.long, device=device)
-            self.valid = torch.zeros(batch, self.capacity, dtype=torch.bool, device=device)
-            self.shallow_bias = torch.full((batch, self.capacity), torch.finfo(dtype).min, dtype=dtype, device=device)
+            self.pos = torch.zeros(batch, slots, dtype=torch.long, device=device)
+            self.depth = torch.zeros(batch, slots, dtype=torch.long, device=device)
+            self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)
+            self.shallow_bias = torch.full((batch, slots), torch.finfo(dtype).min, dtype=dtype, device=device)
         elif self.fill.shape[0] != batch:
             raise ValueError(f"this cache holds {self.fill.shape[0]} rows; the input has {batch}")
+
+    @property
+    def slots_per_row(self) -> int:
+        """Slots every tag tensor and layer buffer holds per row (both regions when split)."""
+        return self.capacity + (self.deep_capacity or 0)
+
+    def _grow_split(self, needed0: int, needed1: int) -> None:
+        """Make room for `needed0` depth-0 and `needed1` deeper slots per row, doubling each region
+        that is short; region 1 moves up when region 0 grows (tags and every layer's buffers)."""
+        new0 = self.capacity if needed0 <= self.capacity else max(2 * self.capacity, needed0)
+        new1 = self.deep_capacity if needed1 <= self.deep_capacity else max(2 * self.deep_capacity, needed1)
+        if (new0, new1) == (self.capacity, self.deep_capacity):
+            return
+        old = (self.capacity, self.deep_capacity)
+        lowest = torch.finfo(self.shallow_bias.dtype).min
+        self.pos, self.depth = (_relayout(t, 1, old, (new0, new1)) for t in (self.pos, self.depth))
+        self.valid = _relayout(self.valid, 1, old, (new0, new1))
+        self.shallow_bias = _relayout(self.shallow_bias, 1, old, (new0, new1), fill=lowest)
+        self.keys = [None if t is None else _relayout(t, 2, old, (new0, new1)) for t in self.keys]
+        self.values = [None if t is None else _relayout(t, 2, old, (new0, new1)) for t in self.values]
+        self.capacity, self.deep_capacity = new0, new1
 
     def _grow(self, needed: int) -> None:
         if needed <= self.capacity:
@@ -173,11 +290,14 @@ class TaHCache:
         if torch.is_grad_enabled() and (states.requires_grad or buffer is not None and buffer.requires_grad):
             return self._append(buffer, states)
         if buffer is None:
-            buffer = states.new_zeros(b, h, self.capacity, d)
-        elif buffer.shape[2] < self.capacity:
-            buffer = _extend(buffer, self.capacity, dim=2)
+            buffer = states.new_zeros(b, h, self.slots_per_row, d)
+        elif buffer.shape[2] < self.slots_per_row:  # one run of slots grows lazily (split: see _grow_split)
+            buffer = _extend(buffer, self.slots_per_row, dim=2)
         if self._start is not None:
             buffer[:, :, self._start:self._start + states.shape[2]] = states
+        elif self._blocks is not None:
+            for col, n, slot in self._blocks:
+                buffer[:, :, slot:slot + n] = states[:, :, col:col + n]
         else:
             rows = torch.arange(b, device=states.device)[:, None]
             buffer[rows, :, self._slots] = states.transpose(1, 2)
@@ -207,7 +327,10 @@ class TaHCache:
     @property
     def last_slots(self) -> torch.Tensor:
         """(B, A) the slot each query of the last pass wrote."""
-        if self._slots is None:
+        if self._slots is None and self._blocks is not None:
+            columns = [torch.arange(slot, slot + n, device=self.fill.device) for _, n, slot in sorted(self._blocks)]
+            self._slots = torch.cat(columns).expand(self.fill.shape[0], -1)
+        elif self._slots is None:
             batch, width = self.fill.shape[0], self._length - self._start
             self._slots = torch.arange(self._start, self._length, device=self.fill.device).expand(batch, width)
         return self._slots
@@ -226,7 +349,8 @@ class TaHCache:
     def _close_gaps(self, b: int, start: int) -> None:
         """Move row b's valid entries from slot `start` on to the front of that range, in order.
         Decoding only (in place), and rare: a handful of slots over every layer's buffers."""
-        end = int(self.fill[b])
+        deep = self.deep_capacity is not None and start >= self.capacity
+        end = self.capacity + int(self.deep_fill[b]) if deep else int(self.fill[b])
         kept = self.valid[b, start:end].nonzero()[:, 0] + start
         n = kept.numel()
         if n and not bool((kept == torch.arange(start, start + n, device=kept.device)).all()):
@@ -238,14 +362,19 @@ class TaHCache:
                 tags[b, target] = tags[b, kept]
         self.valid[b, start + n:end] = False
         self.shallow_bias[b, start + n:end] = self._bias(False)
-        self.fill[b] = start + n
+        if deep:
+            self.deep_fill[b] = start + n - self.capacity
+        else:
+            self.fill[b] = start + n
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.seen is None else int(self.seen.max())
 
     def entries(self) -> torch.Tensor:
         """(B,) KV entries each row holds per layer: one per (token, depth it reached)."""
-        return self.fill.clone() if self.fill is not None else torch.zeros(0, dtype=torch.long)
+        if self.fill is None:
+            return torch.zeros(0, dtype=torch.long)
+        return self.fill + self.deep_fill if self.deep_fill is not None else self.fill.clone()
 
     def nbytes(self) -> int:
         """Bytes held by the key and value buffers of all layers."""
@@ -258,6 +387,24 @@ def _first_per_row(rows: torch.Tensor, slots: torch.Tensor) -> tuple[list[int], 
     for b, slot in zip(rows.tolist(), slots.tolist(), strict=True):
         first[b] = min(slot, first.get(b, slot))
     return list(first), list(first.values())
+
+
+def _in_block(real: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """(B, A) each chosen query's place among the chosen queries of its row: the real ones first, in
+    order, then the padding ones (values at unchosen queries are unused)."""
+    real_here, pad_here = real & chosen, ~real & chosen
+    return torch.where(real_here, real_here.long().cumsum(1) - 1,
+                       real_here.sum(1, keepdim=True) + pad_here.long().cumsum(1) - 1)
+
+
+def _relayout(t: torch.Tensor, dim: int, old: tuple[int, int], new: tuple[int, int], fill: float = 0) -> torch.Tensor:
+    """A split tensor with regions of sizes `old` along `dim`, copied into regions of sizes `new`."""
+    shape = list(t.shape)
+    shape[dim] = new[0] + new[1]
+    out = t.new_full(shape, fill)
+    out.narrow(dim, 0, old[0]).copy_(t.narrow(dim, 0, old[0]))
+    out.narrow(dim, new[0], old[1]).copy_(t.narrow(dim, old[0], old[1]))
+    return out
 
 
 def _extend(t: torch.Tensor, size: int, dim: int, fill: float = 0) -> torch.Tensor:
