@@ -93,9 +93,7 @@ class TaHCache:
             self.fill = fill + width
         else:  # real tokens first, in order, then padding
             n_real = real.sum(1)
-            rank_real = real.long().cumsum(1) - 1
-            rank_pad = (~real).long().cumsum(1) - 1
-            in_block = torch.where(real, rank_real, n_real[:, None] + rank_pad)  # (B, A) slot - row start
+            in_block = _in_block(real, torch.ones_like(real))  # (B, A) slot - row start
             if torch.is_grad_enabled():  # one block for all rows, appended by concatenation (see above)
                 self._block_start = int(fill.max())
                 identity = bool((in_block == torch.arange(width, device=real.device)).all())
