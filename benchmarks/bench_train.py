@@ -29,6 +29,7 @@ import argparse
 import copy
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,21 @@ def caching_malloc_in_use() -> bool:
 def rerun_with_caching_malloc() -> None:
     """Replace this process by the same command under CACHING_MALLOC (glibc reads it at start)."""
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CACHING_MALLOC})
+
+
+def prefault_heap(gib: float) -> None:
+    """Touch `gib` GiB of heap and free it: under CACHING_MALLOC the freed block stays in the heap,
+    so the steps' big tensors reuse pages that are already mapped. Without this the heap grows over
+    the first steps, and on the benchmark VM a first touch of new heap pages cost ~8 us a page:
+    0.5-1 s on some steps, none on others (a one-off cross-entropy timing, 2026-11-24)."""
+    block = torch.empty(int(gib * 2**30), dtype=torch.uint8)
+    block.fill_(0)
+    del block
+
+
+def page_faults() -> int:
+    """Minor page faults of this process so far (each first touch of a fresh page is one)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def stage1_model(lm) -> TaHForCausalLM:
@@ -87,6 +103,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="length 256, 1 warmup step, 3 timed steps, 1 run")
     parser.add_argument("--system-malloc", action="store_true",
                         help="keep glibc's default malloc settings (page faults on every big tensor; noisy)")
+    parser.add_argument("--prefault-gib", type=float, default=8.0,
+                        help="GiB of heap to touch before the models load (caching malloc only; 0 = none)")
     parser.add_argument("--result-file", help=argparse.SUPPRESS)  # a child run writes its figures here
     args = parser.parse_args()
     if args.quick:
@@ -99,6 +117,8 @@ def parse_args() -> argparse.Namespace:
 def measure(args: argparse.Namespace, console: Console) -> dict:
     """One run in this process: {"wall"/"cpu": {row: median seconds a step}, "params": {row: trainable}}."""
     torch.set_num_threads(2)
+    if caching_malloc_in_use() and args.prefault_gib > 0:
+        prefault_heap(args.prefault_gib)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 32000, (args.batch, args.length), generator=gen)
     iter_labels = torch.where(torch.rand(ids.shape, generator=gen) < args.hard, 2, 1)
@@ -113,25 +133,28 @@ def measure(args: argparse.Namespace, console: Console) -> dict:
     }
     wall: dict[str, list[float]] = {name: [] for name in steps}
     cpu: dict[str, list[float]] = {name: [] for name in steps}
+    faults: dict[str, list[int]] = {name: [] for name in steps}
     for i in range(args.warmup + args.steps):
         for name, (step, _) in steps.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
+            start, start_cpu, start_faults = time.perf_counter(), time.process_time(), page_faults()
             step()
             if i >= args.warmup:
                 wall[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
+                faults[name].append(page_faults() - start_faults)
         timed = i >= args.warmup
         console.print(f"step {i + 1}/{args.warmup + args.steps}" + ("" if timed else " (warmup)") + "  "
                       + "  ".join(f"{n}: {t[-1]:.2f}s" for n, t in wall.items() if timed), style="dim")
     return {"wall": {n: statistics.median(t) for n, t in wall.items()},
             "cpu": {n: statistics.median(t) for n, t in cpu.items()},
+            "faults": {n: statistics.median(f) for n, f in faults.items()},
             "params": {n: count for n, (_, count) in steps.items()}}
 
 
 def measure_in_fresh_processes(args: argparse.Namespace, console: Console) -> list[dict]:
     """Each run is this script again with --runs 1, in its own process (and its own malloc setup)."""
     forwarded = [f"--length={args.length}", f"--batch={args.batch}", f"--hard={args.hard}",
-                 f"--warmup={args.warmup}", f"--steps={args.steps}", "--runs=1"]
+                 f"--warmup={args.warmup}", f"--steps={args.steps}", f"--prefault-gib={args.prefault_gib}", "--runs=1"]
     forwarded += ["--system-malloc"] if args.system_malloc else []
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,14 +174,16 @@ def report(args: argparse.Namespace, results: list[dict], malloc: str, console: 
     runs = f"median of {len(results)} runs" if len(results) > 1 else "1 run"
     table = Table(title=f"training step: batch {args.batch} x {args.length} tokens, float32, 2 threads, "
                         f"{args.hard:.0%} hard, {args.steps} timed steps a run, {runs}, {malloc}")
-    for col in ("model", "trainable params", "s/step", "tokens/s", "vs SFT", "CPU s/step", "vs SFT (CPU)"):
+    for col in ("model", "trainable params", "s/step", "tokens/s", "vs SFT", "CPU s/step", "vs SFT (CPU)",
+                "page faults/step"):
         table.add_column(col, justify="right")
     for name in rows:
         seconds = statistics.median(r["wall"][name] for r in results)
         table.add_row(name, f"{results[0]['params'][name] / 1e6:.1f}M", f"{seconds:.3f}", f"{tokens / seconds:.1f}",
                       f"{statistics.median(ratios['wall'][name]):.3f}",
                       f"{statistics.median(r['cpu'][name] for r in results):.3f}",
-                      f"{statistics.median(ratios['cpu'][name]):.3f}")
+                      f"{statistics.median(ratios['cpu'][name]):.3f}",
+                      f"{statistics.median(r['faults'][name] for r in results):.0f}")
     console.print(table)
     for name in rows[1:]:
         each = {clock: ", ".join(f"{x:.3f}" for x in ratios[clock][name]) for clock in ratios}
