@@ -8,7 +8,9 @@ import torch
 from conftest import left_padded, randomize_lora, tiny_lm, tiny_tah
 from tah import InputError
 from tah.generation import Sampler, generate, generate_reference
+from tah.model import lora
 from tah.model.decider import ConstantDecider
+from tah.model.lora import DepthState
 
 
 def strong_model(max_iter: int, decider: str = "random", rate: float = 0.5, **config):
@@ -36,6 +38,29 @@ def test_greedy_equals_the_reference_loop_fused_and_unfused(max_iter, decider):
     assert fused_stats.drafts > 0 and unfused_stats.drafts == 0
     assert fused_stats.forwards < unfused_stats.forwards  # the point of fusing
 
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_mostly_padded_steps_skip_padding_and_decode_the_same(fused, monkeypatch):
+    """Decode steps whose slots are mostly padding (a batch where few rows have a deeper pass) run
+    the linears on their real queries only; the tokens are those of a loop that never does."""
+    model = strong_model(2, rate=0.3)
+    ids, mask = left_padded([5, 9, 3, 7], seed=1)
+    monkeypatch.setattr(lora, "PACK_REAL_SHARE", 0.0)  # never pack
+    reference = generate_reference(model, ids, mask, max_new_tokens=24)
+    monkeypatch.undo()
+    packed_steps = []
+    set_depth = DepthState.set
+
+    def spy(self, *args, **kwargs):
+        set_depth(self, *args, **kwargs)
+        packed_steps.append(self.rows is not None)
+
+    monkeypatch.setattr(DepthState, "set", spy)
+    out = generate(model, ids, mask, max_new_tokens=24, fused=fused)
+    assert sum(packed_steps) > 5
+    assert torch.equal(out.sequences, reference.sequences)
+    assert torch.equal(out.iter_counts, reference.iter_counts)
 
 
 @pytest.mark.parametrize("max_iter", [2, 3])

@@ -97,6 +97,45 @@ def test_decoding_sees_adapters_changed_after_a_forward():
     torch.testing.assert_close(out[:, 0], by_hand(module, x[:, 0].double(), 0))
 
 
+# (B, T) = (3, 2) queries, 4 real: a decode step that is one third padding
+REAL = [[False, True], [True, True], [False, True]]
+ONE_DEEP = [[0, 0], [1, 0], [0, 0]]  # the deep query is packed row 1, not flat row 2
+TWO_DEEP = [[0, 1], [1, 0], [0, 0]]  # packed rows 0 and 1: an (N, 1) mask
+TWO_DEPTHS = [[0, 2], [1, 0], [0, 0]]  # one query at each depth: a packed row each
+
+
+@pytest.mark.parametrize("tags", [ONE_DEEP, TWO_DEEP, TWO_DEPTHS, 1], ids=["one", "two", "two_depths", "int"])
+def test_a_mostly_padded_decode_step_runs_only_its_real_queries(tags):
+    """The linears skip padding queries (DepthState.rows): the real ones get what the whole step
+    would give them, the padding ones zeros."""
+    module, state = random_lora_linear(2)
+    depth = tags if isinstance(tags, int) else torch.tensor(tags)
+    real = torch.tensor(REAL)
+    x = torch.randn(3, 2, 12)
+    with torch.no_grad():
+        state.set(depth)
+        whole = module(x)
+        state.set(depth, real=real)
+        assert state.rows is not None and state.rows.tolist() == [1, 2, 3, 5]
+        packed = module(x)
+    torch.testing.assert_close(packed[real], whole[real], atol=1e-6, rtol=1e-6)
+    assert torch.equal(packed[~real], torch.zeros(2, 10))
+
+
+def test_training_and_mostly_real_steps_are_not_packed():
+    _, state = random_lora_linear(1)
+    real = torch.tensor(REAL)
+    state.set(torch.tensor(TWO_DEEP), real=real)  # under autograd
+    assert state.rows is None
+    with torch.no_grad():
+        state.set(torch.tensor(TWO_DEEP), real=torch.tensor([[False, True], [True, True], [True, True]]))
+        assert state.rows is None  # 5 of 6 real
+        state.set(0, real=real)
+        assert state.rows is not None
+        state.set(0)
+        assert state.rows is None
+
+
 def test_per_token_depth_without_deep_tokens_is_the_base_layer():
     module, state = random_lora_linear(2)
     x = torch.randn(2, 4, 12)

@@ -301,7 +301,10 @@ class TaHForCausalLM(nn.Module):
         forward may sit at different depths). Returns logits (B, A, V) and HF's hidden_states tuple
         (only the decider's layers filled) when `need_hidden`. With `need` (B, A) bool, the LM head
         runs only there and the logits come back as (N_need, V), row-major."""
-        self.depth_state.set(depth, inputs.dtype)
+        # real: the linears skip padding queries in decode steps (DepthState.rows); not the LM head,
+        # which reads a 65 MB weight at bench_decode's size whatever its rows, and whose product
+        # at 9-12 rows took longer than at 16 (10.8 vs 7.4 ms, in-loop profile)
+        self.depth_state.set(depth, inputs.dtype, real)
         mask = cache.begin_pass(positions, depth, real, inputs.dtype)
         wanted = list(self.decider.needs_hidden) if need_hidden else []
         if need is not None:
