@@ -188,8 +188,8 @@ class DepthLoRALinear(nn.Module):
         if isinstance(depth, int):
             self.add_adapter_(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), depth)
             return out
-        # Queries at several depths (a fused decode step, x (B, T, in)): each adapter runs on its
-        # depth's column, or on every query under a mask.
+        # Queries at several depths (a fused decode step, x (B, T, in) or its real queries (N, in)):
+        # each adapter runs on its depth's column or packed query, or on every query under a mask.
         for d, where in self._state.selections.items():
             if isinstance(where, int):  # one column of every row, or one packed query
                 self.add_adapter_(_queries_at(out, where), _queries_at(x, where), d)
