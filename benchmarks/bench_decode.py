@@ -22,6 +22,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from tah import TaHConfig, TaHForCausalLM
 from tah.generation import generate
+from tah.model import lora
 from tah.model.decider import ConstantDecider, RandomDecider
 
 
@@ -82,11 +83,15 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 1.0])
     parser.add_argument("--draft-candidates", type=int, choices=[1, 2], default=1,
                         help="draft the depth-0 runner-up too (tah.generate's draft_candidates)")
+    parser.add_argument("--pack-real-share", type=float, default=lora.PACK_REAL_SHARE,
+                        help="decode steps with at most this share of real queries run the linears on "
+                             "those only (tah.model.lora.PACK_REAL_SHARE; 0 = never)")
     parser.add_argument("--quick", action="store_true", help="64 new tokens, 1 repeat, batch 1, context 64")
     parser.add_argument("--breakdown", action="store_true", help="also print where TaH's extra time goes")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.repeats, args.batches, args.contexts = 64, 1, [1], [64]
+    lora.PACK_REAL_SHARE = args.pack_real_share
     torch.set_num_threads(2)
     console = Console(width=150)
     bare = base_model()

@@ -80,7 +80,7 @@ class TaHCache:
         fill = self.fill
         all_real = bool(real.all())
         # One contiguous block of slots when every row is filled alike and the pass has no padding.
-        self._start = int(fill[0]) if all_real and bool((fill == fill[0]).all()) else None
+        self._start = int(fill[0]) if all_real and _alike(fill) else None
         if self._start is not None:
             self._slots = None  # last_slots builds them when asked
             self._length = self._start + width
@@ -162,7 +162,7 @@ class TaHCache:
         self._start, self._blocks, self._slots = None, None, None
         if shallow is not None and all_real:
             fill = self.fill if shallow else self.deep_fill
-            if bool((fill == fill[0]).all()):
+            if _alike(fill):
                 self._start = int(fill[0]) + (0 if shallow else self.capacity)
                 self._blocks = [(0, positions.shape[1], self._start)]
         elif shallow is None and all_real:
@@ -193,7 +193,7 @@ class TaHCache:
         pattern = in_region0.tolist()
         if any(row != pattern[0] for row in pattern[1:]):
             return None
-        if not (bool((self.fill == self.fill[0]).all()) and bool((self.deep_fill == self.deep_fill[0]).all())):
+        if not (_alike(self.fill) and _alike(self.deep_fill)):
             return None
         blocks = []
         for region, first_slot in ((True, int(self.fill[0])), (False, self.capacity + int(self.deep_fill[0]))):
@@ -385,6 +385,11 @@ def _first_per_row(rows: torch.Tensor, slots: torch.Tensor) -> tuple[list[int], 
     for b, slot in zip(rows.tolist(), slots.tolist(), strict=True):
         first[b] = min(slot, first.get(b, slot))
     return list(first), list(first.values())
+
+
+def _alike(fill: torch.Tensor) -> bool:
+    """Do all rows hold the same count (fill (B,))? Then a pass can write one block of slots."""
+    return bool((fill == fill[0]).all())
 
 
 def _in_block(real: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:

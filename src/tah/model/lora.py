@@ -36,12 +36,14 @@ class DepthState:
             real: torch.Tensor | None = None) -> None:
         """dtype: that of the activations, for the per-depth masks (a bool mask would be converted
         by every LoRA linear that reads it); None keeps them bool. Built once per forward, shared
-        by every layer. real (B, T) bool, False for padding queries: a decode step (few queries,
-        no autograd) with at most PACK_REAL_SHARE of them real packs those (`rows`)."""
+        by every layer. real (B, T) bool, False for padding queries: a decode step on CPU (few
+        queries, no autograd) with at most PACK_REAL_SHARE of them real packs those (`rows`). Not
+        on GPUs, where a product's rows cost nothing extra and reading `real` would be a sync."""
         self.depth = depth
         self.selections = {}
         self.rows = None
-        if real is not None and 1 < real.numel() <= _FEW_TAGS and not torch.is_grad_enabled():
+        if real is not None and real.device.type == "cpu" and 1 < real.numel() <= _FEW_TAGS \
+                and not torch.is_grad_enabled():
             flags = real.flatten().tolist()
             if 0 < sum(flags) <= PACK_REAL_SHARE * len(flags):
                 self._set_packed(depth, [i for i, f in enumerate(flags) if f], real.device, dtype)
