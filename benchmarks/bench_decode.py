@@ -22,7 +22,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from tah import TaHConfig, TaHForCausalLM
 from tah.generation import generate
-from tah.model import lora
+from tah.model import few_rows, lora
 from tah.model.decider import ConstantDecider, RandomDecider
 
 
@@ -86,12 +86,16 @@ def main() -> None:
     parser.add_argument("--pack-real-share", type=float, default=lora.PACK_REAL_SHARE,
                         help="decode steps with at most this share of real queries run the linears on "
                              "those only (tah.model.lora.PACK_REAL_SHARE; 0 = never)")
+    parser.add_argument("--few-rows-max", type=int, default=few_rows.MAX_ROWS,
+                        help="products over at most this many rows take the layout this machine runs fastest "
+                             "(tah.model.few_rows.MAX_ROWS; 0 = always F.linear, as HF does)")
     parser.add_argument("--quick", action="store_true", help="64 new tokens, 1 repeat, batch 1, context 64")
     parser.add_argument("--breakdown", action="store_true", help="also print where TaH's extra time goes")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.repeats, args.batches, args.contexts = 64, 1, [1], [64]
     lora.PACK_REAL_SHARE = args.pack_real_share
+    few_rows.MAX_ROWS = args.few_rows_max
     torch.set_num_threads(2)
     console = Console(width=150)
     bare = base_model()

@@ -20,6 +20,7 @@ from transformers.utils import ModelOutput
 
 from tah.config import TaHConfig
 from tah.errors import ConfigError, InputError
+from tah.model import few_rows
 from tah.model.cache import TaHCache
 from tah.model.decider import Decider, MLPDecider, build_decider
 from tah.model.lora import DepthLoRALinear, DepthState, add_depth_lora
@@ -307,14 +308,24 @@ class TaHForCausalLM(nn.Module):
         self.depth_state.set(depth, inputs.dtype, real)
         mask = cache.begin_pass(positions, depth, real, inputs.dtype)
         wanted = list(self.decider.needs_hidden) if need_hidden else []
-        if need is not None:
+        # A decode step on CPU runs the LM head itself too, as few_rows chooses (HF's head is F.linear)
+        own_head = need is not None or self._few_rows_head(positions)
+        if own_head:
             wanted = sorted({*wanted, self.num_layers})  # the final-norm output feeds our LM head
-        keep = 0 if need is None else torch.zeros(0, dtype=torch.long, device=inputs.device)
+        keep = torch.zeros(0, dtype=torch.long, device=inputs.device) if own_head else 0
         out = self.lm(inputs_embeds=inputs, position_ids=positions, attention_mask=mask, past_key_values=cache,
                       use_cache=True, output_hidden_states=wanted or False, logits_to_keep=keep)
         self.depth_state.set(0)
-        logits = out.logits if need is None else self._lm_head(out.hidden_states[self.num_layers][need])
-        return logits, out.hidden_states
+        if not own_head:
+            return out.logits, out.hidden_states
+        final = out.hidden_states[self.num_layers]
+        return self._lm_head(final if need is None else final[need]), out.hidden_states
+
+    def _few_rows_head(self, positions: torch.Tensor) -> bool:
+        """Should a pass over these (B, A) queries run the LM head through `few_rows`?"""
+        return (positions.device.type == "cpu" and 0 < positions.numel() <= few_rows.MAX_ROWS
+                and not torch.is_grad_enabled() and type(self.lm.get_output_embeddings()) is nn.Linear
+                and self.lm.get_output_embeddings().weight.numel() >= few_rows.MIN_WEIGHT)
 
     def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, H) final hidden states -> (N, V) logits, as the wrapped model's own head computes them."""
@@ -322,7 +333,7 @@ class TaHForCausalLM(nn.Module):
         if torch.is_grad_enabled() and type(head) is nn.Linear and head.weight.requires_grad:
             logits = _HeadLinear.apply(hidden, head.weight, head.bias)
         else:
-            logits = head(hidden)
+            logits = few_rows.linear(hidden, head.weight, head.bias) if type(head) is nn.Linear else head(hidden)
         config = self.lm.config
         if getattr(config, "logit_scale", None) is not None:  # Cohere multiplies its logits
             logits = logits * config.logit_scale
