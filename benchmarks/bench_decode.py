@@ -11,6 +11,7 @@ engine's last run. Usage: python benchmarks/bench_decode.py [--quick] [--breakdo
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import statistics
 import time
@@ -137,6 +138,9 @@ def main() -> None:
             table.add_row(str(batch), str(context), "HF generate (bare)", f"{batch * new / hf_time:.1f}", "", "",
                           "", "1.000", "")
     console.print(table)
+    layouts = collections.Counter(few_rows.chosen().values())
+    console.print("few_rows layouts chosen (per product shape): "
+                  + (", ".join(f"{name} x{count}" for name, count in sorted(layouts.items())) or "none"))
     if args.breakdown:
         console.print(breakdown)
 

@@ -17,6 +17,7 @@ from test_generation import strong_model
 @pytest.fixture(autouse=True)
 def fresh_choices(monkeypatch):
     monkeypatch.setattr(few_rows, "_choices", {})
+    monkeypatch.setattr(few_rows, "_best", {})
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 16])
@@ -61,7 +62,7 @@ def test_training_small_weights_and_many_rows_keep_f_linear():
         assert torch.equal(few_rows.linear(x, small), F.linear(x, small))
         many = torch.randn(few_rows.MAX_ROWS + 1, 64)
         assert torch.equal(few_rows.linear(many, weight), F.linear(many, weight))
-    assert few_rows.chosen() == {} and few_rows._choices == {}
+    assert few_rows.chosen() == {} and few_rows._choices == {} and few_rows._best == {}
 
 
 @pytest.mark.parametrize("fused", [True, False])

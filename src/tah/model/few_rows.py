@@ -32,15 +32,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias): x (..., in) -> (..., out), contiguous; at inference on CPU with at
     most MAX_ROWS rows, computed the fastest way this process has measured for its shape."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not 0 < rows <= MAX_ROWS or weight.numel() < MIN_WEIGHT or x.device.type != "cpu" \
-            or torch.is_grad_enabled() or x.dtype != weight.dtype:
+    if not 0 < rows <= MAX_ROWS or torch.is_grad_enabled() or weight.numel() < MIN_WEIGHT \
+            or x.dtype != weight.dtype or x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    key = (rows, *weight.shape, weight.dtype)
+    key = (rows, weight.shape, weight.dtype)
+    best = _best.get(key)  # the hot path of a decode step: one lookup, one call
+    if best is not None:
+        return best(x, weight, bias)
     choice = _choices.get(key)
     if choice is None:
         choice = _choices[key] = _Choice(_candidates(rows))
-    out = choice.run(x.reshape(rows, x.shape[-1]), weight, bias)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    out, best = choice.run(x, weight, bias)
+    if best is not None:
+        _best[key] = best
+    return out
 
 
 def _x_weight_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -48,14 +53,16 @@ def _x_weight_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _weight_x_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out = torch.mm(weight, x.t()) if bias is None else torch.addmm(bias[:, None], weight, x.t())
-    return out.t().contiguous()
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.mm(weight, flat.t()) if bias is None else torch.addmm(bias[:, None], weight, flat.t())
+    return out.t().contiguous().view(*x.shape[:-1], -1)
 
 
 def _weight_x_t_doubled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """One row, run as two: a matrix kernel instead of the vector one."""
-    out = _weight_x_t(torch.cat([x, x]), weight, bias)
-    return out[:1]
+    flat = x.reshape(1, x.shape[-1])
+    out = _weight_x_t(torch.cat([flat, flat]), weight, bias)
+    return out[:1].view(*x.shape[:-1], -1)
 
 
 def _candidates(rows: int) -> list:
@@ -71,9 +78,8 @@ class _Choice:
         self.best = None
         self.turn = 0
 
-    def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.best is not None:
-            return self.best(x, weight, bias)
+    def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, object]:
+        """(this call's result, the fastest candidate once every one had its trials, else None)."""
         index = self.turn % len(self.candidates)
         self.turn += 1
         start = time.perf_counter()  # CPU ops are synchronous: the call's time is the product's
@@ -82,12 +88,13 @@ class _Choice:
         if all(len(s) >= TRIALS for s in self.seconds):
             medians = [statistics.median(s) for s in self.seconds]
             self.best = self.candidates[medians.index(min(medians))]
-        return out
+        return out, self.best
 
 
-_choices: dict[tuple, _Choice] = {}
+_choices: dict[tuple, _Choice] = {}  # shapes still on trial, and decided ones
+_best: dict[tuple, object] = {}  # decided shapes -> their candidate
 
 
 def chosen() -> dict[tuple, str]:
     """{(rows, out, in, dtype): the layout chosen} so far in this process (for benchmarks, logs)."""
-    return {key: c.best.__name__.lstrip("_") for key, c in _choices.items() if c.best is not None}
+    return {(rows, *shape, dtype): best.__name__.lstrip("_") for (rows, shape, dtype), best in _best.items()}
