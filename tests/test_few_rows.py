@@ -77,6 +77,6 @@ def test_decoding_through_few_rows_gives_the_same_tokens(fused, monkeypatch):
     monkeypatch.setattr(few_rows, "MIN_WEIGHT", 0)
     monkeypatch.setattr(few_rows, "TRIALS", 2)
     out = generate(model, ids, mask, max_new_tokens=24, fused=fused)
-    assert few_rows._choices, "the decode never took the few_rows path"
+    assert few_rows._best or few_rows._choices, "the decode never took the few_rows path"
     assert torch.equal(out.sequences, plain.sequences)
     assert torch.equal(out.iter_counts, plain.iter_counts)

@@ -32,8 +32,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias): x (..., in) -> (..., out), contiguous; at inference on CPU with at
     most MAX_ROWS rows, computed the fastest way this process has measured for its shape."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not 0 < rows <= MAX_ROWS or torch.is_grad_enabled() or weight.numel() < MIN_WEIGHT \
-            or x.dtype != weight.dtype or x.device.type != "cpu":
+    if not handles(rows, weight) or x.dtype != weight.dtype:
         return F.linear(x, weight, bias)
     key = (rows, weight.shape, weight.dtype)
     best = _best.get(key)  # the hot path of a decode step: one lookup, one call
@@ -43,9 +42,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if choice is None:
         choice = _choices[key] = _Choice(_candidates(rows))
     out, best = choice.run(x, weight, bias)
-    if best is not None:
+    if best is not None:  # decided: off trial
         _best[key] = best
+        del _choices[key]
     return out
+
+
+def handles(rows: int, weight: torch.Tensor) -> bool:
+    """Does `linear` choose a layout for `rows` rows times `weight` (else it is plain F.linear)?"""
+    return 0 < rows <= MAX_ROWS and not torch.is_grad_enabled() and weight.numel() >= MIN_WEIGHT \
+        and weight.device.type == "cpu"
 
 
 def _x_weight_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -75,7 +81,6 @@ class _Choice:
     def __init__(self, candidates: list) -> None:
         self.candidates = candidates
         self.seconds: list[list[float]] = [[] for _ in candidates]
-        self.best = None
         self.turn = 0
 
     def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, object]:
@@ -85,13 +90,13 @@ class _Choice:
         start = time.perf_counter()  # CPU ops are synchronous: the call's time is the product's
         out = self.candidates[index](x, weight, bias)
         self.seconds[index].append(time.perf_counter() - start)
-        if all(len(s) >= TRIALS for s in self.seconds):
-            medians = [statistics.median(s) for s in self.seconds]
-            self.best = self.candidates[medians.index(min(medians))]
-        return out, self.best
+        if not all(len(s) >= TRIALS for s in self.seconds):
+            return out, None
+        medians = [statistics.median(s) for s in self.seconds]
+        return out, self.candidates[medians.index(min(medians))]
 
 
-_choices: dict[tuple, _Choice] = {}  # shapes still on trial, and decided ones
+_choices: dict[tuple, _Choice] = {}  # shapes still on trial
 _best: dict[tuple, object] = {}  # decided shapes -> their candidate
 
 

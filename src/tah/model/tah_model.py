@@ -323,9 +323,8 @@ class TaHForCausalLM(nn.Module):
 
     def _few_rows_head(self, positions: torch.Tensor) -> bool:
         """Should a pass over these (B, A) queries run the LM head through `few_rows`?"""
-        return (positions.device.type == "cpu" and 0 < positions.numel() <= few_rows.MAX_ROWS
-                and not torch.is_grad_enabled() and type(self.lm.get_output_embeddings()) is nn.Linear
-                and self.lm.get_output_embeddings().weight.numel() >= few_rows.MIN_WEIGHT)
+        head = self.lm.get_output_embeddings()
+        return type(head) is nn.Linear and few_rows.handles(positions.numel(), head.weight)
 
     def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, H) final hidden states -> (N, V) logits, as the wrapped model's own head computes them."""
