@@ -3,7 +3,8 @@
 A random-init Qwen3 of ~41M parameters (vocab 32000, hidden 512, 8 layers, 8 heads / 4 KV heads,
 head_dim 64, MLP 1536, tied embeddings), float32, 2 threads; greedy; the `random` decider makes a
 chosen share of tokens iterate (max_iter 2). Every figure is a ratio measured in this one run
-(median of --repeats runs, taken round-robin after a warm-up). --breakdown adds where each TaH row's
+(the median over --repeats round-robin repeats, after a warm-up, of the ratio within each repeat,
+with its range in brackets; tokens/s are medians). --breakdown adds where each TaH row's
 extra time goes, from the engine's step timings (DecodeStats) of its last run against the `never`
 engine's last run. Usage: python benchmarks/bench_decode.py [--quick] [--breakdown]
 """
@@ -60,19 +61,35 @@ def with_small_adapters(model: TaHForCausalLM, seed: int = 0) -> TaHForCausalLM:
     return model
 
 
-def interleaved_medians(runs: dict, repeats: int) -> dict:
-    """{name: fn} -> {name: (median seconds, last result)}. Round-robin repeats after one warm-up
-    each, so a slow spell of this noisy machine hits every engine alike instead of one."""
+def interleaved_runs(runs: dict, repeats: int) -> dict:
+    """{name: fn} -> {name: (seconds of each repeat, last result)}. Round-robin repeats after one
+    warm-up each, the first engine rotating from repeat to repeat, so that a slow spell of this
+    noisy machine, or a drift over minutes, hits every engine alike instead of one."""
     for fn in runs.values():
         fn()
+    names = list(runs)
     times = {name: [] for name in runs}
     results = {}
-    for _ in range(repeats):
-        for name, fn in runs.items():
+    for repeat in range(repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
             start = time.perf_counter()
-            results[name] = fn()
+            results[name] = runs[name]()
             times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(times[name]), results[name]) for name in runs}
+    return {name: (times[name], results[name]) for name in runs}
+
+
+def speed_ratio(engine: list[float], reference: list[float]) -> tuple[float, float, float]:
+    """engine's speed vs reference's from their seconds in each repeat: the median, min and max
+    of reference_i / engine_i. Pairing the two runs of one repeat cancels what the machine's own
+    speed does between repeats (on a noisy machine whole runs move by 10-30% over minutes), which a
+    ratio of two separate medians does not."""
+    ratios = [r / e for e, r in zip(engine, reference, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def ratio_cell(ratio: tuple[float, float, float]) -> str:
+    median, low, high = ratio
+    return f"{median:.3f} ({low:.2f}-{high:.2f})" if high > low else f"{median:.3f}"
 
 
 def main() -> None:
@@ -102,8 +119,8 @@ def main() -> None:
     bare = base_model()
     model = tah_model(copy.deepcopy(bare))
     rates = [None, *args.rates]
-    table = Table(title=f"decode: {args.new_tokens} new tokens, greedy, float32, 2 threads, median of {args.repeats} "
-                        f"interleaved, {args.draft_candidates} draft candidate(s)")
+    table = Table(title=f"decode: {args.new_tokens} new tokens, greedy, float32, 2 threads, {args.draft_candidates} draft "
+                        f"candidate(s); ratios: median (range) over {args.repeats} repeats of the ratio within each")
     for col in ("batch", "context", "engine", "tokens/s", "vs never", "never vs HF", "iterated", "KV vs base",
                 "draft accept"):
         table.add_column(col, justify="right")
@@ -119,24 +136,24 @@ def main() -> None:
             for rate in rates:
                 runs[rate] = lambda rate=rate, ids=ids, new=new: generate(
                     use_decider(model, rate), ids, max_new_tokens=new, draft_candidates=args.draft_candidates)
-            measured = interleaved_medians(runs, args.repeats)
-            hf_time = measured["HF"][0]
-            never_time = measured[None][0]
+            measured = interleaved_runs(runs, args.repeats)
+            never_times = measured[None][0]
             for rate in rates:
                 label = "never" if rate is None else f"random {rate:.0%}"
-                seconds, out = measured[rate]
+                times, out = measured[rate]
                 stats = out.stats
                 iterated = (out.iter_counts > 1).float().mean().item()
-                row = (str(batch), str(context), label, f"{batch * new / seconds:.1f}",
-                       f"{never_time / seconds:.3f}", f"{hf_time / never_time:.3f}" if label == "never" else "",
+                row = (str(batch), str(context), label, f"{batch * new / statistics.median(times):.1f}",
+                       ratio_cell(speed_ratio(times, never_times)),
+                       ratio_cell(speed_ratio(never_times, measured["HF"][0])) if label == "never" else "",
                        f"{iterated:.1%}", f"{kv_ratio(out, batch, context, new):.3f}",
                        f"{stats.acceptance:.1%}" if stats.drafts else "-")
                 table.add_row(*row)
                 console.print("  ".join(row), style="dim")  # progress, before the table at the end
                 if rate is not None:
                     breakdown.add_row(str(batch), str(context), label, *extra_time(stats, measured[None][1].stats))
-            table.add_row(str(batch), str(context), "HF generate (bare)", f"{batch * new / hf_time:.1f}", "", "",
-                          "", "1.000", "")
+            hf_speed = batch * new / statistics.median(measured["HF"][0])
+            table.add_row(str(batch), str(context), "HF generate (bare)", f"{hf_speed:.1f}", "", "", "", "1.000", "")
     console.print(table)
     layouts = collections.Counter(few_rows.chosen().values())
     console.print("few_rows layouts chosen (per product shape): "

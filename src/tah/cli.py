@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "train Standard, AlwaysIterate, TaH+ and TaH with equal budgets through tah label / prune / "
                     "train; evaluate on held-out problems. Writes results.json, sweep.png and samples.html.")
     demo.add_argument("--out", default="tah-demo", help="output directory (default: tah-demo)")
-    demo.add_argument("--quick", action="store_true", help="smaller task and model, one seed (about a minute)")
+    demo.add_argument("--quick", action="store_true", help="smaller task and model, one seed (1-2 minutes; checks the pipeline)")
     demo.add_argument("--seeds", type=int, default=None,
                       help="repeat with N seeds and report mean ± std (default: 3; 1 with --quick)")
     demo.set_defaults(run=_demo)
