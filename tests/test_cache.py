@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import left_padded, tiny_tah
+from tah.errors import InputError
 from tah.model.cache import TaHCache
 
 ATOL = 1e-4
@@ -61,6 +62,22 @@ def test_one_prefill_equals_single_token_steps(max_iter, decider, options, promp
     assert torch.isfinite(logits).all()
     # Both caches hold the same entries per row, whichever way they were filled.
     assert torch.equal(cache.entries(), full.past_key_values.entries())
+
+
+def test_the_cache_passes_under_either_name():
+    """transformers 5.24 renamed past_key_values to cache: the TaH model takes and returns it under
+    both names, whatever the installed version, and refuses two different caches at once."""
+    model = make(2, "random", dict(random_rate=0.5, seed=3))
+    ids, mask = left_padded([6, 4], seed=2)
+    with torch.no_grad():
+        first = model(ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+        assert first.cache is first.past_key_values is first["cache"]
+        old_name = model(ids[:, -1:], attention_mask=mask, past_key_values=first.cache, use_cache=True).logits
+        again = model(ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+        new_name = model(ids[:, -1:], attention_mask=mask, cache=again.cache, use_cache=True).logits
+        with pytest.raises(InputError, match="pass the cache once"):
+            model(ids[:, -1:], attention_mask=mask, cache=TaHCache(), past_key_values=TaHCache())
+    assert torch.equal(old_name, new_name)
 
 
 @pytest.mark.parametrize("max_iter", [2, 3])

@@ -30,7 +30,7 @@ def generate_reference(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     batch = input_ids.shape[0]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
     out = model(input_ids, attention_mask=mask, use_cache=True)
-    cache, prompt_counts = out.past_key_values, out.iter_count
+    cache, prompt_counts = out.cache, out.iter_count
     # The passes a generated token "got" are those of the position that predicted it.
     logits, predictor_count = out.logits[:, -1], out.iter_count[:, -1]
     done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)

@@ -273,8 +273,10 @@ class TaHCache:
 
     # -- the HF `Cache` interface used by attention layers ---------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this pass's (B, H, A, D) keys/values; return views of the first S slots."""
+               *_: object, **__: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this pass's (B, H, A, D) keys/values; return views of the first S slots. Whatever
+        else the layer passes is ignored: a `cache_kwargs` dict before transformers 5.24, `kwargs=`
+        from 5.24 on."""
         while len(self.keys) <= layer_idx:
             self.keys.append(None)
             self.values.append(None)

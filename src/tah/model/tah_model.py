@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from tah.config import TaHConfig
@@ -29,18 +30,28 @@ from tah.model.rows_grad import DepthZeroLogits, GatherRows, RowsGradient
 from tah.model.sdpa import use_tah_sdpa
 from tah.model.soft_input import soft_embedding
 
+# transformers 5.24 renamed `past_key_values` to `cache` (model arguments and output fields); the
+# older name is deprecated there. The wrapped model is called with whichever its version uses.
+HF_CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 @dataclass
 class TaHOutput(ModelOutput):
     """loss: scalar or None; logits: (B, T, V) final accumulated logits; iter_count: (B, T) passes
-    per token (1..max_iter); past_key_values: the `TaHCache` when use_cache."""
+    per token (1..max_iter); cache (also readable as past_key_values, under any transformers
+    version): the `TaHCache` when use_cache."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     iter_count: torch.Tensor | None = None
-    past_key_values: TaHCache | None = None
+    cache: TaHCache | None = None
     decider_logits: torch.Tensor | None = None  # stage 2: (N,) decider scores of the labelled tokens
     decider_targets: torch.Tensor | None = None  # stage 2: (N,) 1.0 where the oracle says continue
+
+    @property
+    def past_key_values(self) -> TaHCache | None:
+        """The cache under its pre-5.24 name (without the deprecation warning of newer versions)."""
+        return self.cache
 
 
 class _HeadLinear(torch.autograd.Function):
@@ -163,19 +174,23 @@ class TaHForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, iter_labels: torch.Tensor | None = None,
                 past_key_values: TaHCache | None = None, use_cache: bool = False, logits_to_keep: int = 0,
-                num_items_in_batch: int | torch.Tensor | None = None, **_: object) -> TaHOutput:
+                num_items_in_batch: int | torch.Tensor | None = None, cache: TaHCache | None = None,
+                **_: object) -> TaHOutput:
         """input_ids (B, T); attention_mask (B, past + T) or (B, T), 1 = real token, any padding side;
         labels (B, T), shifted inside as in HF; iter_labels (B, T) oracle pass counts (-100 = none):
         when given they, not the decider, choose who iterates. logits_to_keep = n > 0 returns the
         logits of the last n positions only (B, n, V), and skips the LM head for tokens whose logits
         nobody reads (when the decider does not read logits): what prefill for generation wants.
         num_items_in_batch (HF Trainer): the stage-1 loss is the CE sum divided by it, so that
-        gradient accumulation and several processes weigh every token alike."""
+        gradient accumulation and several processes weigh every token alike. The cache may come as
+        `cache` (transformers' name from 5.24 on) or `past_key_values`."""
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise InputError("pass the cache once, as `cache` or as `past_key_values`, not two different ones")
         batch, length = input_ids.shape
         valid = self._valid_mask(input_ids, attention_mask)
         self._check_labels(input_ids, labels, "labels")
         self._check_labels(input_ids, iter_labels, "iter_labels")
-        cache = past_key_values if past_key_values is not None else TaHCache()
+        cache = cache if cache is not None else past_key_values if past_key_values is not None else TaHCache()
         positions = cache.positions_for(valid)
         self._check_positions(positions)
         stage2 = self.tah_config.training_stage == 2 and iter_labels is not None
@@ -256,7 +271,7 @@ class TaHForCausalLM(nn.Module):
                 loss = F.cross_entropy(acc.float(), shifted.flatten(), ignore_index=-100,
                                        reduction="sum") / num_items_in_batch
         return TaHOutput(loss=loss, logits=acc.view(batch, keep, acc.shape[-1]), iter_count=iter_count,
-                         past_key_values=cache if use_cache else None, decider_logits=scores,
+                         cache=cache if use_cache else None, decider_logits=scores,
                          decider_targets=targets)
 
     def _decide(self, acc_packed, hidden, pos, depth: int, labels_packed) -> torch.Tensor:
@@ -313,7 +328,7 @@ class TaHForCausalLM(nn.Module):
         if own_head:
             wanted = sorted({*wanted, self.num_layers})  # the final-norm output feeds our LM head
         keep = torch.zeros(0, dtype=torch.long, device=inputs.device) if own_head else 0
-        out = self.lm(inputs_embeds=inputs, position_ids=positions, attention_mask=mask, past_key_values=cache,
+        out = self.lm(inputs_embeds=inputs, position_ids=positions, attention_mask=mask, **{HF_CACHE_ARG: cache},
                       use_cache=True, output_hidden_states=wanted or False, logits_to_keep=keep)
         self.depth_state.set(0)
         if not own_head:
