@@ -217,7 +217,7 @@ def test_a_killed_run_resumes_without_redoing_or_losing_a_shard(reference, tmp_p
         assert time.monotonic() < deadline, "the first shard never appeared"
         time.sleep(0.05)
     first.send_signal(signal.SIGKILL)
-    first.wait()
+    first.communicate()  # reaps it and closes its pipes
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-00000"]
     assert not (out / "dataset").exists()
     (out / "shards" / ".shard-00001.tmp").mkdir()  # as if killed while writing shard 1
