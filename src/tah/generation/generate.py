@@ -29,7 +29,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     depth-0 runner-up beside the top token, so a deeper pass that picks it costs no extra forward;
     the tokens are the same. It pays where a third query in a forward is nearly free (weight-bound
     GPU decoding) or deeper passes often pick the runner-up; on our CPU benchmark it broke even at
-    context 64 and lost 1-2% at 2048 (see the README). Raises `InputError` on bad arguments.
+    context 64 and lost 1-2% at 2048 (see benchmarks/RESULTS.md). Raises `InputError` on bad arguments.
     """
     input_ids, attention_mask = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
     sampler = Sampler(do_sample, temperature, top_k, top_p, min_p, _generator(seed, input_ids.device))
