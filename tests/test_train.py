@@ -195,6 +195,15 @@ def test_baselines_run_the_same_recipe(baseline, passes, workspace):
     assert model(torch.tensor([[1, 7, 8, 9]])).iter_count.tolist() == [[passes] * 4]
 
 
+def test_stage1_trains_in_bf16_as_the_paper_recipes_do(workspace):
+    """`bf16: true` (the qwen3 recipes) runs the step under autocast: bf16 products, float32 weights."""
+    out = workspace["root"] / "bf16"
+    record = run_train("stage1.yaml", overrides(workspace, out, **{"training.bf16": "true", "training.max_steps": 3}))
+    losses = train_losses(record)
+    assert len(losses) == 3 and all(loss == loss and loss < 10 for loss in losses), losses  # finite, sane
+    assert TaHForCausalLM.from_pretrained(out / "final").lm.dtype == torch.float32
+
+
 # -- faults ----------------------------------------------------------------------------------------
 KILLER = """
 import os, signal, sys

@@ -158,7 +158,8 @@ class DepthLoRALinear(nn.Module):
         low_rank = torch.mm(rows, a_t)
         if mask is not None:
             low_rank.mul_(mask)
-        out.addmm_(low_rank, b_t, alpha=self.scaling)
+        # Under autocast (bf16 training) mm and out are bf16, while in-place ops are not autocast
+        out.addmm_(low_rank.to(out.dtype), b_t.to(out.dtype), alpha=self.scaling)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
