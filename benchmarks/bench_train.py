@@ -20,7 +20,7 @@ jemalloc or tcmalloc would (--system-malloc turns this off). Every step frees an
 several (2048, 32000) float32 tensors (262 MB each: logits, their log-softmax, its gradient); with
 glibc's defaults each comes back as fresh pages, and their page faults cost 0.3 to 1 s on one step
 and nothing on the next (one-off measurements on the benchmark machine), for either model, which drowned the ratio in noise.
-Usage: python benchmarks/bench_train.py [--runs N] [--quick] [--system-malloc]
+Usage: python benchmarks/bench_train.py [--runs N] [--quick] [--system-malloc] [--separate-heads]
 """
 
 from __future__ import annotations
@@ -113,6 +113,8 @@ def parse_args() -> argparse.Namespace:
                         help="keep glibc's default malloc settings (page faults on every big tensor; noisy)")
     parser.add_argument("--prefault-gib", type=float, default=8.0,
                         help="GiB of heap to touch before the models load (caching malloc only; 0 = none)")
+    parser.add_argument("--separate-heads", action="store_true",
+                        help="each pass runs its own LM head (no shared_head.py): for comparisons")
     parser.add_argument("--result-file", help=argparse.SUPPRESS)  # a child run writes its figures here
     args = parser.parse_args()
     if args.quick:
@@ -133,6 +135,7 @@ def measure(args: argparse.Namespace, console: Console) -> dict:
     bare = base_model()
     sft = copy.deepcopy(bare).train()
     tah = stage1_model(bare)
+    tah.use_shared_head = not args.separate_heads
     steps = {
         "plain SFT": make_step(sft, dict(input_ids=ids, labels=ids)),
         "TaH stage 1": make_step(tah, dict(input_ids=ids, labels=ids, iter_labels=iter_labels)),
@@ -164,6 +167,7 @@ def measure_in_fresh_processes(args: argparse.Namespace, console: Console) -> li
     forwarded = [f"--length={args.length}", f"--batch={args.batch}", f"--hard={args.hard}",
                  f"--warmup={args.warmup}", f"--steps={args.steps}", f"--prefault-gib={args.prefault_gib}", "--runs=1"]
     forwarded += ["--system-malloc"] if args.system_malloc else []
+    forwarded += ["--separate-heads"] if args.separate_heads else []
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):

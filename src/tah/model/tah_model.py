@@ -28,7 +28,8 @@ from tah.model.lora import DepthLoRALinear, DepthState, add_depth_lora
 from tah.model.packing import Packing
 from tah.model.rows_grad import DepthZeroLogits, GatherRows, RowsGradient
 from tah.model.sdpa import use_tah_sdpa
-from tah.model.soft_input import soft_embedding
+from tah.model.shared_head import SharedHead
+from tah.model.soft_input import soft_embedding, soft_embedding_of_top
 
 # transformers 5.24 renamed `past_key_values` to `cache` (model arguments and output fields); the
 # older name is deprecated there. The wrapped model is called with whichever its version uses.
@@ -92,6 +93,7 @@ class TaHForCausalLM(nn.Module):
         self.num_layers = text_config.num_hidden_layers
         self.max_positions = getattr(text_config, "max_position_embeddings", None)
         self.depth_state = DepthState()
+        self.use_shared_head = True  # see shared_head.py; False: each pass runs its own LM head (for comparisons)
         self.lora: dict[str, DepthLoRALinear] = {}
         if config.max_iter > 1:
             adapters = config.max_iter - 1 if config.lora_per_depth else 1
@@ -209,6 +211,8 @@ class TaHForCausalLM(nn.Module):
         # acc: (B * keep, V) accumulated logits, 2-D so that the loss reads it without a view (see
         # rows_grad.py); carry: accumulated logits of the packed tokens.
         acc, carry, inputs, rows_grad = None, None, embeds, None
+        shared = self._shared_head(keep == length and not stage2)
+        deep_index = None  # with `shared`: rows of acc that go to depth 1
         bce_terms = []
         for depth in range(max_iter):
             real = packing.pack(packing.gather(valid), fill=False)
@@ -223,19 +227,26 @@ class TaHForCausalLM(nn.Module):
             head_rows = None if need is None else packing.pack(need)  # (B, A): where the LM head runs
             if head_rows is None and not packing.full:  # all packed tokens (all real at depth >= 1):
                 head_rows = real  # straight to (N, V), no unpack copy
-            with frozen:
-                logits, hidden = self.run_pass(inputs, pos, real, depth, cache, need_hidden=not last, need=head_rows)
-                flat_logits = packing.unpack(logits) if head_rows is None else logits
-                # (N, V) or (N_need, V); depth 0 adds nothing, so no (B*T, V) copy is made; the last
-                # pass's sum is read by nobody
-                flat_acc = flat_logits if carry is None else None if last else \
-                    (carry if need is None else carry[need]) + flat_logits
-                if acc is None and keep == length:  # depth 0 over every token: its logits are the sum so far
-                    rows_grad = RowsGradient() if torch.is_grad_enabled() and self._logits_in_place else None
-                    acc = logits.flatten(0, 1) if rows_grad is None else DepthZeroLogits.apply(logits, rows_grad)
-                else:
-                    acc = self._accumulate(acc, flat_logits, packing, in_tail, need, batch, keep, length,
-                                           in_place=self._logits_in_place)
+            if shared is not None:  # our head over every token (depth 0), then it adds in the deep rows
+                final, hidden = self.run_pass(inputs, pos, real, depth, cache, need_hidden=not last, need=head_rows,
+                                              head=lambda states: states)
+                acc = shared.depth_zero(final) if depth == 0 else shared.add_deep(acc, final, deep_index)
+                flat_acc = acc
+            else:
+                with frozen:
+                    logits, hidden = self.run_pass(inputs, pos, real, depth, cache, need_hidden=not last,
+                                                   need=head_rows)
+                    flat_logits = packing.unpack(logits) if head_rows is None else logits
+                    # (N, V) or (N_need, V); depth 0 adds nothing, so no (B*T, V) copy is made; the last
+                    # pass's sum is read by nobody
+                    flat_acc = flat_logits if carry is None else None if last else \
+                        (carry if need is None else carry[need]) + flat_logits
+                    if acc is None and keep == length:  # depth 0 over every token: its logits are the sum so far
+                        rows_grad = RowsGradient() if torch.is_grad_enabled() and self._logits_in_place else None
+                        acc = logits.flatten(0, 1) if rows_grad is None else DepthZeroLogits.apply(logits, rows_grad)
+                    else:
+                        acc = self._accumulate(acc, flat_logits, packing, in_tail, need, batch, keep, length,
+                                               in_place=self._logits_in_place)
             if depth > 0:
                 iter_count = iter_count.index_put((packing.rows, packing.cols), torch.ones_like(packing.rows), accumulate=True)
             if last:
@@ -251,14 +262,19 @@ class TaHForCausalLM(nn.Module):
             if not bool(go_on_flat.any()):
                 break
             rows, cols = packing.rows[go_on_flat], packing.cols[go_on_flat]
-            if depth == 0 and keep == length:  # acc holds depth 0 of every token: its rows are the packed tokens
+            table = self.lm.get_input_embeddings().weight
+            if shared is not None:  # depth 0 -> 1 of a two-pass training step
+                deep_index = rows * length + cols
+                soft = soft_embedding_of_top(*shared.top_k(acc, deep_index, self.tah_config.input_topk), table)
+            elif depth == 0 and keep == length:  # acc holds depth 0 of every token: its rows are the packed tokens
                 index = rows * length + cols
                 carry = acc.index_select(0, index) if rows_grad is None else GatherRows.apply(acc, index, rows_grad)
             else:
                 carry = flat_acc[go_on_flat if need is None else go_on_flat[need]]
             packing = Packing.select(rows, cols, batch)
             with frozen:
-                soft = soft_embedding(carry, self.lm.get_input_embeddings().weight, self.tah_config.input_topk)
+                if shared is None:
+                    soft = soft_embedding(carry, table, self.tah_config.input_topk)
             inputs = packing.pack(soft)
 
         loss, scores, targets = None, None, None
@@ -274,6 +290,19 @@ class TaHForCausalLM(nn.Module):
         return TaHOutput(loss=loss, logits=acc.view(batch, keep, acc.shape[-1]), iter_count=iter_count,
                          cache=cache if use_cache else None, decider_logits=scores,
                          decider_targets=targets)
+
+    def _shared_head(self, every_token: bool) -> SharedHead | None:
+        """A SharedHead for this forward when its two passes' LM heads may share their products: a
+        training step (gradients on, the head trains) of max_iter 2 over every token, with a plain
+        linear head (no bias, scaling or soft-capping). Otherwise None: each pass runs its own head."""
+        head = self.lm.get_output_embeddings()
+        config = self.lm.config
+        plain = (type(head) is nn.Linear and head.bias is None and self._logits_in_place
+                 and getattr(config, "logit_scale", None) is None and getattr(config, "logits_scaling", None) is None)
+        if (every_token and plain and self.tah_config.max_iter == 2 and torch.is_grad_enabled()
+                and head.weight.requires_grad and self.use_shared_head):
+            return SharedHead(head.weight)
+        return None
 
     def _decide(self, acc_packed, hidden, pos, depth: int, labels_packed) -> torch.Tensor:
         """(B, A) bool: which packed tokens run another pass (oracle labels win over the decider)."""
@@ -312,12 +341,14 @@ class TaHForCausalLM(nn.Module):
 
     def run_pass(self, inputs: torch.Tensor, positions: torch.Tensor, real: torch.Tensor,
                  depth: int | torch.Tensor, cache: TaHCache, need_hidden: bool,
-                 need: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None]:
+                 need: torch.Tensor | None = None, head=None) -> tuple[torch.Tensor, tuple | None]:
         """One forward of the base model over (B, A) queries: inputs (B, A, H) embeddings, positions
         (B, A), real (B, A) bool (False = padding), depth an int or a (B, A) tensor (queries of one
         forward may sit at different depths). Returns logits (B, A, V) and HF's hidden_states tuple
         (only the decider's layers filled) when `need_hidden`. With `need` (B, A) bool, the LM head
-        runs only there and the logits come back as (N_need, V), row-major."""
+        runs only there and the logits come back as (N_need, V), row-major. `head`, when given, replaces
+        the LM head: it maps the final hidden states ((B, A, H), or their (N_need, H) rows) to what
+        comes back instead of logits."""
         # real: the linears skip padding queries in decode steps (DepthState.rows); not the LM head,
         # which reads a 65 MB weight at bench_decode's size whatever its rows, and whose product
         # at 9-12 rows took longer than at 16 (10.8 vs 7.4 ms, in-loop profile)
@@ -325,7 +356,7 @@ class TaHForCausalLM(nn.Module):
         mask = cache.begin_pass(positions, depth, real, inputs.dtype)
         wanted = list(self.decider.needs_hidden) if need_hidden else []
         # A decode step on CPU runs the LM head itself too, as few_rows chooses (HF's head is F.linear)
-        own_head = need is not None or self._few_rows_head(positions)
+        own_head = head is not None or need is not None or self._few_rows_head(positions)
         if own_head:
             wanted = sorted({*wanted, self.num_layers})  # the final-norm output feeds our LM head
         keep = torch.zeros(0, dtype=torch.long, device=inputs.device) if own_head else 0
@@ -335,7 +366,7 @@ class TaHForCausalLM(nn.Module):
         if not own_head:
             return out.logits, out.hidden_states
         final = out.hidden_states[self.num_layers]
-        return self._lm_head(final if need is None else final[need]), out.hidden_states
+        return (head or self._lm_head)(final if need is None else final[need]), out.hidden_states
 
     def _few_rows_head(self, positions: torch.Tensor) -> bool:
         """Should a pass over these (B, A) queries run the LM head through `few_rows`?"""
