@@ -12,8 +12,9 @@ n ~ N / 10 and V = 150k on Qwen3) at a lower FLOP rate than the big ones. The sa
 
 G @ W is computed once, in the depth-1 head's backward (which autograd runs first), and shared;
 the depth-1 rows fold into depth 0's weight product; S stays sparse (n, k) and its two products
-are embedding-bag sums. On the 41M benchmark model this saved ~100 ms of a ~5 s CPU step (one-off
-timing of the head alone, 2026-11-24). Exact up to float summation order.
+are embedding-bag sums. On the 41M benchmark model the head alone took 76-100 ms less (one-off
+timing, 2026-11-24), of a ~5 s CPU step whose noise hides it (benchmarks/RESULTS.md). Exact up to
+float summation order.
 """
 
 from __future__ import annotations
