@@ -270,3 +270,14 @@ def test_greedy_picks_the_first_of_tied_maxima_like_argmax():
     logits = torch.randint(0, 3, (64, 500)).float()  # many ties per row
     logits[5] = 0.0
     assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+
+
+def test_generate_is_the_package_level_call_the_readme_shows():
+    """`import tah; tah.generate(...)`, as in the README and the issue's API."""
+    import tah
+
+    model = strong_model(2)
+    ids, mask = left_padded([4, 6], seed=2)
+    out = tah.generate(model, ids, mask, max_new_tokens=6)
+    assert torch.equal(out.sequences, generate(model, ids, mask, max_new_tokens=6).sequences)
+    assert out.iter_counts.shape == (2, 6)
