@@ -101,7 +101,7 @@ def test_shared_products_match_autograd_even_when_acc_gets_another_gradient():
             soft = soft_embedding(acc[index], weight, k)
         early = (acc * coefficients).sum() if early_loss else 0.0  # saves no acc, which add_deep changes
         deep = torch.tanh(soft @ mix)
-        acc = shared.add_deep(acc, deep, index) if use_shared else acc.index_add(0, index, F.linear(deep, weight))
+        acc = shared.add_deep(acc, deep) if use_shared else acc.index_add(0, index, F.linear(deep, weight))
         (F.cross_entropy(acc, targets) + early).backward()
         return weight.grad, hidden.grad, mix.grad
 

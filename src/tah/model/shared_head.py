@@ -31,7 +31,7 @@ class SharedHead:
         self.clear()
 
     def clear(self) -> None:
-        self.index: torch.Tensor | None = None  # (n,) rows of the accumulated logits that iterate
+        self.index: torch.Tensor | None = None  # (n,) rows of the accumulated logits that iterate (top_k's)
         self.top: torch.Tensor | None = None  # (n, k) the soft input's top-k vocabulary entries
         self.top_grad: torch.Tensor | None = None  # (n, k) the loss's gradient at those entries
         self.deep_grad: torch.Tensor | None = None  # (N, V) G, as the deep rows' head got it
@@ -44,12 +44,13 @@ class SharedHead:
 
     def top_k(self, acc: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k (values (n, k), indices (n, k)) of rows `index` of acc (N, V), whose gradient
-        goes to depth 0's head sparse, not back into acc."""
+        goes to depth 0's head sparse, not back into acc. These rows are the ones add_deep fills."""
+        self.index = index
         return _TopKRows.apply(acc, index, min(k, acc.shape[-1]), self)
 
-    def add_deep(self, acc: torch.Tensor, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """acc (N, V) with hidden (n, H) @ W^T added into rows `index`, in place."""
-        return _DeepRowsHead.apply(acc, hidden, self.weight, index, self)
+    def add_deep(self, acc: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """acc (N, V) with hidden (n, H) @ W^T added into the rows top_k took, in place."""
+        return _DeepRowsHead.apply(acc, hidden, self.weight, self.index, self)
 
 
 class _DepthZeroHead(torch.autograd.Function):
@@ -103,14 +104,14 @@ class _TopKRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, acc: torch.Tensor, index: torch.Tensor, k: int, shared: SharedHead):
         top = acc.index_select(0, index).topk(k, dim=-1)
-        ctx.index, ctx.top, ctx.shared = index, top.indices, shared
+        ctx.top, ctx.shared = top.indices, shared
         ctx.mark_non_differentiable(top.indices)
         return top.values, top.indices
 
     @staticmethod
     def backward(ctx, grad_values: torch.Tensor, _):
         shared: SharedHead = ctx.shared
-        shared.index, shared.top, shared.top_grad = ctx.index, ctx.top, grad_values
+        shared.top, shared.top_grad = ctx.top, grad_values
         return None, None, None, None
 
 
@@ -118,17 +119,17 @@ class _DeepRowsHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, acc: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
                 shared: SharedHead) -> torch.Tensor:
-        ctx.save_for_backward(hidden, weight, index)
-        ctx.shared = shared
+        ctx.save_for_backward(hidden, weight)
+        ctx.index, ctx.shared = index, shared
         acc.index_add_(0, index, F.linear(hidden, weight))
         ctx.mark_dirty(acc)
         return acc
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        hidden, weight, index = ctx.saved_tensors
-        shared: SharedHead = ctx.shared
+        hidden, weight = ctx.saved_tensors
+        shared, index = ctx.shared, ctx.index
         shared.hidden_grad = grad @ weight.to(grad.dtype)  # depth 0's input gradient too: G reaches both heads whole
-        shared.deep_grad, shared.deep_hidden, shared.index = grad, hidden, index
+        shared.deep_grad, shared.deep_hidden = grad, hidden
         # W's gradient of both depths: in depth 0's backward, one product
         return grad, shared.hidden_grad.index_select(0, index).to(hidden.dtype), None, None, None

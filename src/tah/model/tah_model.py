@@ -212,7 +212,6 @@ class TaHForCausalLM(nn.Module):
         # rows_grad.py); carry: accumulated logits of the packed tokens.
         acc, carry, inputs, rows_grad = None, None, embeds, None
         shared = self._shared_head(keep == length and not stage2)
-        deep_index = None  # with `shared`: rows of acc that go to depth 1
         bce_terms = []
         for depth in range(max_iter):
             real = packing.pack(packing.gather(valid), fill=False)
@@ -230,7 +229,7 @@ class TaHForCausalLM(nn.Module):
             if shared is not None:  # our head over every token (depth 0), then it adds in the deep rows
                 final, hidden = self.run_pass(inputs, pos, real, depth, cache, need_hidden=not last, need=head_rows,
                                               head=lambda states: states)
-                acc = shared.depth_zero(final) if depth == 0 else shared.add_deep(acc, final, deep_index)
+                acc = shared.depth_zero(final) if depth == 0 else shared.add_deep(acc, final)
                 flat_acc = acc
             else:
                 with frozen:
@@ -264,8 +263,8 @@ class TaHForCausalLM(nn.Module):
             rows, cols = packing.rows[go_on_flat], packing.cols[go_on_flat]
             table = self.lm.get_input_embeddings().weight
             if shared is not None:  # depth 0 -> 1 of a two-pass training step
-                deep_index = rows * length + cols
-                soft = soft_embedding_of_top(*shared.top_k(acc, deep_index, self.tah_config.input_topk), table)
+                top = shared.top_k(acc, rows * length + cols, self.tah_config.input_topk)
+                soft = soft_embedding_of_top(*top, table)
             elif depth == 0 and keep == length:  # acc holds depth 0 of every token: its rows are the packed tokens
                 index = rows * length + cols
                 carry = acc.index_select(0, index) if rows_grad is None else GatherRows.apply(acc, index, rows_grad)
