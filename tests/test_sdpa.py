@@ -20,9 +20,10 @@ class _Layer(torch.nn.Module):
 
 @pytest.mark.parametrize("queries", [1, 2, 7, PACKED_QUERIES + 3])
 @pytest.mark.parametrize("groups", [1, 2, 4])
-def test_matches_hf_sdpa_with_a_mask(queries, groups):
+@pytest.mark.parametrize("b", [1, 2])  # a batch of rows packs a group's queries from 2 on; one row from PACKED_QUERIES
+def test_matches_hf_sdpa_with_a_mask(queries, groups, b):
     gen = torch.Generator().manual_seed(queries * 10 + groups)
-    b, kv, s, d = 2, 2, 11, 8
+    kv, s, d = 2, 11, 8
     query = torch.randn(b, kv * groups, queries, d, generator=gen)
     key, value = torch.randn(b, kv, s, d, generator=gen), torch.randn(b, kv, s, d, generator=gen)
     visible = torch.rand(b, 1, queries, s, generator=gen) > 0.3

@@ -9,11 +9,16 @@ of the whole cache, at every layer of every such pass.
 A single query (a decode step) goes further: the heads of one KV group become that group's queries,
 (B, H, 1, D) -> (B, KV, H / KV, D), the trick HF itself uses for a single query under a mask. On CPU
 it runs in about half the time of `enable_gqa` (measured 11 vs 22 us per layer at 300 keys, 78 vs 136
-us at 2300), so we use it without a mask too, where HF takes `enable_gqa`. Many masked queries (a
-training step's deeper pass: ~100 queries a row over ~1000 keys) are packed the same way, the mask
-repeated for each head of a group (built once per pass, shared by its layers): 10.5 vs 11.9 ms forward
-+ backward a layer at 115 x 1139 in a one-off measurement; under ~64 queries `enable_gqa` is as fast
-or faster. Every other case goes to HF's own function unchanged.
+us at 2300), so we use it without a mask too, where HF takes `enable_gqa`. Several masked queries are
+packed the same way, the mask repeated for each head of a group (built once per pass, shared by its
+layers), where that measured faster:
+- decode steps of a batch (2-3 queries a row, no autograd): per masked call inside bench_decode's
+  loop on the AMD EPYC machine, 3.6-3.7 vs 5.2-6.3 ms at batch 8 and 2048 keys, 450 vs 535 us at
+  batch 8 and 64, 481 vs 518 at batch 4 and 300, equal at batch 2; at batch 1 equal or slower
+  (one-off timings), so a single row keeps `enable_gqa`;
+- under autograd (training's deeper pass) from ~64 queries a row: 10.5 vs 11.9 ms forward +
+  backward a layer at 115 x 1139, but 3.5 vs 3.0 ms at 4 queries.
+Every other case goes to HF's own function unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "tah_sdpa"
-PACKED_QUERIES = 64  # from this many masked queries on, the group's heads are packed as its queries
+PACKED_QUERIES = 64  # from this many masked queries a row on (any batch, with or without autograd), packed
 
 
 def tah_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -44,7 +49,7 @@ def tah_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         out = F.scaled_dot_product_attention(query.reshape(batch, heads // groups, groups, dim), key, value,
                                              attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
         return out.reshape(batch, 1, heads, dim), None
-    if queries >= PACKED_QUERIES and attention_mask.shape[1] == 1:
+    if attention_mask.shape[1] == 1 and (queries >= PACKED_QUERIES or batch > 1 and not query.requires_grad):
         # (B, KV, groups * A, D) queries under the (B, 1, groups * A, S) mask repeated per head of a group
         out = F.scaled_dot_product_attention(query.reshape(batch, heads // groups, groups * queries, dim), key, value,
                                              attn_mask=packed_mask(attention_mask, groups), dropout_p=dropout,
