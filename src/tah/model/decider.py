@@ -70,8 +70,12 @@ class RandomDecider(Decider):
 
     def draw(self, positions: torch.Tensor, depth: int | torch.Tensor) -> torch.Tensor:
         """The decision itself: bool, the broadcast shape of positions and depth."""
+        return self.score(positions, depth) < self.rate
+
+    def score(self, positions: torch.Tensor, depth: int | torch.Tensor) -> torch.Tensor:
+        """A uniform draw in [0, 1) (float64) per (seed, position, depth): the broadcast shape."""
         key = _mix32(_mix32(torch.full_like(positions, self.seed) * 1000003 + depth) + positions)
-        return (key.to(torch.float64) / 2**32) < self.rate
+        return key.to(torch.float64) / 2**32
 
     def forward(self, acc_logits, hidden_states, positions, depth, iter_labels=None):
         if positions.numel() == 0:
