@@ -158,8 +158,11 @@ class DepthLoRALinear(nn.Module):
         low_rank = torch.mm(rows, a_t)
         if mask is not None:
             low_rank.mul_(mask)
-        # Under autocast (bf16 training) mm and out are bf16, while in-place ops are not autocast
-        out.addmm_(low_rank.to(out.dtype), b_t.to(out.dtype), alpha=self.scaling)
+        # Under autocast (bf16 training) mm and out are bf16 while B is not, and in-place ops are not
+        # autocast. Compared first: a no-op cast still costs a call, 112 of them in a fused decode step.
+        if low_rank.dtype != out.dtype or b_t.dtype != out.dtype:
+            low_rank, b_t = low_rank.to(out.dtype), b_t.to(out.dtype)
+        out.addmm_(low_rank, b_t, alpha=self.scaling)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

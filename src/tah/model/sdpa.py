@@ -15,7 +15,9 @@ layers), where that measured faster:
 - decode steps of a batch (2-3 queries a row, no autograd): per masked call inside bench_decode's
   loop on the AMD EPYC machine, 3.6-3.7 vs 5.2-6.3 ms at batch 8 and 2048 keys, 450 vs 535 us at
   batch 8 and 64, 481 vs 518 at batch 4 and 300, equal at batch 2; at batch 1 equal or slower
-  (one-off timings), so a single row keeps `enable_gqa`;
+  (one-off timings), so a single row keeps `enable_gqa`. Other passes under the threshold below
+  (prefill with padding) keep it too: its sums round as HF's own do, so depth 0 stays the base
+  model to the bit there;
 - under autograd (training's deeper pass) from ~64 queries a row: 10.5 vs 11.9 ms forward +
   backward a layer at 115 x 1139, but 3.5 vs 3.0 ms at 4 queries.
 Every other case goes to HF's own function unchanged.
@@ -31,6 +33,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "tah_sdpa"
 PACKED_QUERIES = 64  # from this many masked queries a row on (any batch, with or without autograd), packed
+DECODE_QUERIES = 3  # a decode step's queries a row (a deep one, two draft candidates): packed at batch > 1
 
 
 def tah_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -49,7 +52,7 @@ def tah_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         out = F.scaled_dot_product_attention(query.reshape(batch, heads // groups, groups, dim), key, value,
                                              attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
         return out.reshape(batch, 1, heads, dim), None
-    if attention_mask.shape[1] == 1 and (queries >= PACKED_QUERIES or batch > 1 and not query.requires_grad):
+    if attention_mask.shape[1] == 1 and _packs(batch, queries, query.requires_grad):
         # (B, KV, groups * A, D) queries under the (B, 1, groups * A, S) mask repeated per head of a group
         out = F.scaled_dot_product_attention(query.reshape(batch, heads // groups, groups * queries, dim), key, value,
                                              attn_mask=packed_mask(attention_mask, groups), dropout_p=dropout,
@@ -58,6 +61,11 @@ def tah_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                          scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packs(batch: int, queries: int, grad: bool) -> bool:
+    """Run a masked pass with a KV group's queries packed as one (see the module docstring)?"""
+    return queries >= PACKED_QUERIES or batch > 1 and queries <= DECODE_QUERIES and not grad
 
 
 def packed_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
