@@ -15,9 +15,9 @@ layers), where that measured faster:
 - decode steps of a batch (2-3 queries a row, no autograd): per masked call inside bench_decode's
   loop on the AMD EPYC machine, 3.6-3.7 vs 5.2-6.3 ms at batch 8 and 2048 keys, 450 vs 535 us at
   batch 8 and 64, 481 vs 518 at batch 4 and 300, equal at batch 2; at batch 1 equal or slower
-  (one-off timings), so a single row keeps `enable_gqa`. Other passes under the threshold below
-  (prefill with padding) keep it too: its sums round as HF's own do, so depth 0 stays the base
-  model to the bit there;
+  (one-off timings), so a single row keeps `enable_gqa`. Passes of 4 to PACKED_QUERIES - 1 queries
+  a row (prefill with padding) keep it too: its sums round as HF's own do, so depth 0 stays the
+  base model to the bit there (a padded prefill of 2-3 tokens a row differs in float rounding);
 - under autograd (training's deeper pass) from ~64 queries a row: 10.5 vs 11.9 ms forward +
   backward a layer at 115 x 1139, but 3.5 vs 3.0 ms at 4 queries.
 Every other case goes to HF's own function unchanged.
