@@ -261,19 +261,17 @@ class TaHForCausalLM(nn.Module):
             if not bool(go_on_flat.any()):
                 break
             rows, cols = packing.rows[go_on_flat], packing.cols[go_on_flat]
-            table = self.lm.get_input_embeddings().weight
-            if shared is not None:  # depth 0 -> 1 of a two-pass training step
-                top = shared.top_k(acc, rows * length + cols, self.tah_config.input_topk)
-                soft = soft_embedding_of_top(*top, table)
-            elif depth == 0 and keep == length:  # acc holds depth 0 of every token: its rows are the packed tokens
-                index = rows * length + cols
-                carry = acc.index_select(0, index) if rows_grad is None else GatherRows.apply(acc, index, rows_grad)
+            table, index = self.lm.get_input_embeddings().weight, rows * length + cols
+            if shared is not None:  # depth 0 -> 1 of a two-pass training step (never stage 2: nothing frozen)
+                soft = soft_embedding_of_top(*shared.top_k(acc, index, self.tah_config.input_topk), table)
             else:
-                carry = flat_acc[go_on_flat if need is None else go_on_flat[need]]
-            packing = Packing.select(rows, cols, batch)
-            with frozen:
-                if shared is None:
+                if depth == 0 and keep == length:  # acc holds depth 0 of every token: its rows are the packed tokens
+                    carry = acc.index_select(0, index) if rows_grad is None else GatherRows.apply(acc, index, rows_grad)
+                else:
+                    carry = flat_acc[go_on_flat if need is None else go_on_flat[need]]
+                with frozen:
                     soft = soft_embedding(carry, table, self.tah_config.input_topk)
+            packing = Packing.select(rows, cols, batch)
             inputs = packing.pack(soft)
 
         loss, scores, targets = None, None, None
