@@ -121,8 +121,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 2048])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 1.0])
-    parser.add_argument("--draft-candidates", type=int, choices=[1, 2], default=1,
-                        help="draft the depth-0 runner-up too (tah.generate's draft_candidates)")
+    parser.add_argument("--draft-candidates", type=int, choices=[1, 2], default=2,
+                        help="drafts beside a hard token (tah.generate's draft_candidates; 2, its greedy "
+                             "default, adds the depth-0 runner-up)")
     parser.add_argument("--pack-real-share", type=float, default=lora.PACK_REAL_SHARE,
                         help="decode steps with at most this share of real queries run the linears on "
                              "those only (tah.model.lora.PACK_REAL_SHARE; 0 = never)")

@@ -20,7 +20,7 @@ def fresh_choices(monkeypatch):
     monkeypatch.setattr(few_rows, "_best", {})
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_every_candidate_computes_f_linear(rows, with_bias):
     gen = torch.Generator().manual_seed(rows)

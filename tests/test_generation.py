@@ -28,15 +28,17 @@ def test_greedy_equals_the_reference_loop_fused_and_unfused(max_iter, decider):
     ids, mask = left_padded([5, 9, 3, 7], seed=1)
     reference = generate_reference(model, ids, mask, max_new_tokens=24, eos_token_id=7)
     assert (reference.iter_counts > 1).any() and (reference.iter_counts == 1).any()
-    stats = []
-    for fused in (True, False):
-        out = generate(model, ids, mask, max_new_tokens=24, eos_token_id=7, fused=fused)
-        assert torch.equal(out.sequences, reference.sequences), f"fused={fused}"
-        assert torch.equal(out.iter_counts, reference.iter_counts), f"fused={fused}"
-        stats.append(out.stats)
-    fused_stats, unfused_stats = stats
-    assert fused_stats.drafts > 0 and unfused_stats.drafts == 0
-    assert fused_stats.forwards < unfused_stats.forwards  # the point of fusing
+    stats = {}
+    for fused, candidates in ((True, 1), (True, 2), (False, None)):  # 2: greedy's default
+        out = generate(model, ids, mask, max_new_tokens=24, eos_token_id=7, fused=fused,
+                       draft_candidates=candidates)
+        assert torch.equal(out.sequences, reference.sequences), f"fused={fused}, candidates={candidates}"
+        assert torch.equal(out.iter_counts, reference.iter_counts), f"fused={fused}, candidates={candidates}"
+        stats[fused, candidates] = out.stats
+    assert stats[True, 1].drafts > 0 and stats[False, None].drafts == 0
+    for candidates in (1, 2):
+        assert stats[True, candidates].forwards < stats[False, None].forwards  # the point of fusing
+    assert stats[True, 2].drafts_accepted >= stats[True, 1].drafts_accepted  # the runner-up's point
 
 
 
@@ -81,11 +83,12 @@ def test_decode_steps_are_counted_by_kind(max_iter, fused):
     assert (plain.deep_steps, plain.deep_seconds, plain.shallow_steps) == (0, 0.0, 29)
 
 
-def test_rejected_drafts_are_rolled_back():
+@pytest.mark.parametrize("candidates", [1, 2])
+def test_rejected_drafts_are_rolled_back(candidates):
     model = strong_model(2, rate=0.6)
     ids, mask = left_padded([6, 4], seed=5)
     reference = generate_reference(model, ids, mask, max_new_tokens=40)
-    out = generate(model, ids, mask, max_new_tokens=40)
+    out = generate(model, ids, mask, max_new_tokens=40, draft_candidates=candidates)
     assert out.stats.drafts > out.stats.drafts_accepted > 0  # both outcomes happened
     assert torch.equal(out.sequences, reference.sequences)
     # One KV entry per (token, depth reached); rolled-back drafts leave nothing behind. Every

@@ -17,7 +17,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              min_p: float = 0.0, eos_token_id: int | Sequence[int] | None = None,
              stop_strings: str | Sequence[str] | None = None, tokenizer=None, seed: int | None = None,
-             streamer=None, fused: bool = True, draft_candidates: int = 1,
+             streamer=None, fused: bool = True, draft_candidates: int | None = None,
              cache_capacity: int | None = None) -> GenerationOutput:
     """Decode a batch of left-padded prompts with a TaHForCausalLM.
 
@@ -25,14 +25,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     `sequences` (B, T + new) and `iter_counts` (B, new): passes per generated token (those of the
     position that predicted it), 0 after a row finished. A row stops at EOS, a stop string or
     max_new_tokens; the others go on. `fused=False` turns off fused latent iteration (same tokens
-    when greedy, same distribution when sampling). `draft_candidates=2` (greedy, fused) drafts the
-    depth-0 runner-up beside the top token, so a deeper pass that picks it costs no extra forward;
-    the tokens are the same. It pays where a third query in a forward is nearly free (weight-bound
-    GPU decoding) or deeper passes often pick the runner-up; on our CPU benchmark it broke even at
-    context 64 and lost 1-2% at 2048 (see benchmarks/RESULTS.md). Raises `InputError` on bad arguments.
+    when greedy, same distribution when sampling). Greedy decoding drafts two candidates
+    by default (`draft_candidates=None`: 2 when greedy, else 1), the depth-0 runner-up beside the
+    top token, so a deeper pass that picks it costs no extra forward; the tokens are the same either
+    way. Sampling takes one (its acceptance rule is for one draft). Raises `InputError` on bad
+    arguments.
     """
     input_ids, attention_mask = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
     sampler = Sampler(do_sample, temperature, top_k, top_p, min_p, _generator(seed, input_ids.device))
+    if draft_candidates is None:
+        draft_candidates = 2 if sampler.greedy else 1
     if draft_candidates not in (1, 2) or draft_candidates == 2 and not sampler.greedy:
         raise InputError(f"draft_candidates must be 1, or 2 with greedy decoding (sampling's acceptance rule "
                          f"takes one draft); got {draft_candidates!r}")

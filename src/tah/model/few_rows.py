@@ -4,9 +4,10 @@
 in how they run that product, and the same product asked as W @ x^T (then transposed back) may
 take another kernel. On an AMD EPYC (AVX2) with PyTorch's MKL, bench_decode's 56 linears over 2
 rows took 15.5 ms as x @ W^T and 8.9 ms as W @ x^T (1 row: 8.2 vs 9.6 ms), and its 32000 x 512 LM
-head took 12.0 vs 4.0 ms at 2 rows, and 6.6 vs 3.4 ms at 1 row when the row is doubled so that BLAS
+head took 12.0 vs 4.0 ms at 2 rows, and 6.6 vs 3.4 ms at 1 row when a zero row is added so that BLAS
 runs its matrix kernel, not its slower vector one (one-off timings, weights cold from memory as in
-a real step). So a fused decode step, whose second query should be nearly free, cost almost two
+a real step); an odd count of rows gets that candidate too (the head over 3 rows: 6.3 ms, over 4:
+4.4 ms), which makes a third query (greedy's second draft) cheap. So a fused decode step, whose second query should be nearly free, cost almost two
 steps there. On other machines x @ W^T is as fast or faster.
 
 Hence no fixed rule: each (rows, weight shape, dtype) times the candidate layouts on its first
@@ -64,15 +65,16 @@ def _weight_x_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out.t().contiguous().view(*x.shape[:-1], -1)
 
 
-def _weight_x_t_doubled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """One row, run as two: a matrix kernel instead of the vector one."""
-    flat = x.reshape(1, x.shape[-1])
-    out = _weight_x_t(torch.cat([flat, flat]), weight, bias)
-    return out[:1].view(*x.shape[:-1], -1)
+def _weight_x_t_even(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """An odd number of rows, run as one more (a zero row): MKL on AVX2 runs 1 and 3 columns in
+    slower kernels than 2 and 4 (one-off timings: the LM head over 3 rows 6.3 ms, over 4 4.4 ms)."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = _weight_x_t(torch.cat([flat, flat.new_zeros(1, flat.shape[1])]), weight, bias)
+    return out[:-1].view(*x.shape[:-1], -1)
 
 
 def _candidates(rows: int) -> list:
-    return [_x_weight_t, _weight_x_t] + ([_weight_x_t_doubled] if rows == 1 else [])
+    return [_x_weight_t, _weight_x_t] + ([_weight_x_t_even] if rows % 2 else [])
 
 
 class _Choice:
