@@ -18,9 +18,9 @@ class _Layer(torch.nn.Module):
         self.is_causal = True
 
 
-@pytest.mark.parametrize("queries", [1, 2, 7, PACKED_QUERIES + 3])
+@pytest.mark.parametrize("queries", [1, 2, 3, 7, PACKED_QUERIES + 3])
 @pytest.mark.parametrize("groups", [1, 2, 4])
-@pytest.mark.parametrize("b", [1, 2])  # packed: 2-3 queries a row in a batch (decode steps), any from PACKED_QUERIES
+@pytest.mark.parametrize("b", [1, 2])  # packed: 2-3 queries a row (decode steps), any from PACKED_QUERIES
 def test_matches_hf_sdpa_with_a_mask(queries, groups, b):
     gen = torch.Generator().manual_seed(queries * 10 + groups)
     kv, s, d = 2, 11, 8

@@ -12,12 +12,14 @@ it runs in about half the time of `enable_gqa` (measured 11 vs 22 us per layer a
 us at 2300), so we use it without a mask too, where HF takes `enable_gqa`. Several masked queries are
 packed the same way, the mask repeated for each head of a group (built once per pass, shared by its
 layers), where that measured faster:
-- decode steps of a batch (2-3 queries a row, no autograd): per masked call inside bench_decode's
-  loop on the AMD EPYC machine, 3.6-3.7 vs 5.2-6.3 ms at batch 8 and 2048 keys, 450 vs 535 us at
-  batch 8 and 64, 481 vs 518 at batch 4 and 300, equal at batch 2; at batch 1 equal or slower
-  (one-off timings), so a single row keeps `enable_gqa`. Passes of 4 to PACKED_QUERIES - 1 queries
-  a row (prefill with padding) keep it too: its sums round as HF's own do, so depth 0 stays the
-  base model to the bit there (a padded prefill of 2-3 tokens a row differs in float rounding);
+- decode steps (2-3 queries a row, no autograd): per masked call inside bench_decode's loop on the
+  AMD EPYC machine, 3.6-3.7 vs 5.2-6.3 ms at batch 8 and 2048 keys, 450 vs 535 us at batch 8 and
+  64, 481 vs 518 at batch 4 and 300, equal at batch 2. At batch 1 a fused step with two draft
+  candidates (greedy's default, 3 queries) took 0.4-0.9 ms less in all (its extra over a plain step,
+  median of 6-8 runs: 7.6 vs 8.0 ms at context 64, 9.6 vs 10.5 at 2048; isolated calls at 2400 keys:
+  292 vs 624 us). Passes of 4 to PACKED_QUERIES - 1 queries a row (prefill with padding) keep
+  `enable_gqa`: its sums round as HF's own do, so depth 0 stays the base model to the bit there (a
+  padded prefill of 2-3 tokens a row differs in float rounding);
 - under autograd (training's deeper pass) from ~64 queries a row: 10.5 vs 11.9 ms forward +
   backward a layer at 115 x 1139, but 3.5 vs 3.0 ms at 4 queries.
 Every other case goes to HF's own function unchanged.
@@ -33,7 +35,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "tah_sdpa"
 PACKED_QUERIES = 64  # from this many masked queries a row on (any batch, with or without autograd), packed
-DECODE_QUERIES = 3  # a decode step's queries a row (a deep one, two draft candidates): packed at batch > 1
+DECODE_QUERIES = 3  # a decode step's queries a row (a deep one, two draft candidates): packed, any batch
 
 
 def tah_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -65,7 +67,7 @@ def tah_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
 
 def _packs(batch: int, queries: int, grad: bool) -> bool:
     """Run a masked pass with a KV group's queries packed as one (see the module docstring)?"""
-    return queries >= PACKED_QUERIES or batch > 1 and queries <= DECODE_QUERIES and not grad
+    return queries >= PACKED_QUERIES or queries <= DECODE_QUERIES and not grad
 
 
 def packed_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
