@@ -22,10 +22,11 @@ def fresh_choices(monkeypatch):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_every_candidate_computes_f_linear(rows, with_bias):
+@pytest.mark.parametrize("features", [700, few_rows.ROW_COPY_FEATURES + 5])  # wide: transposed a row at a time
+def test_every_candidate_computes_f_linear(rows, with_bias, features):
     gen = torch.Generator().manual_seed(rows)
-    x, weight = torch.randn(rows, 96, generator=gen), torch.randn(700, 96, generator=gen)
-    bias = torch.randn(700, generator=gen) if with_bias else None
+    x, weight = torch.randn(rows, 96, generator=gen), torch.randn(features, 96, generator=gen)
+    bias = torch.randn(features, generator=gen) if with_bias else None
     expected = F.linear(x, weight, bias)
     for candidate in few_rows._candidates(rows):
         out = candidate(x, weight, bias)
