@@ -121,9 +121,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 2048])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 1.0])
-    parser.add_argument("--draft-candidates", type=int, choices=[1, 2], default=2,
-                        help="drafts beside a hard token (tah.generate's draft_candidates; 2, its greedy "
-                             "default, adds the depth-0 runner-up)")
+    parser.add_argument("--draft-candidates", type=int, choices=[1, 2], default=None,
+                        help="drafts beside a hard token (tah.generate's draft_candidates: 2 adds the depth-0 "
+                             "runner-up; default: tah.generate's, 2 at batch 1 and 1 above)")
     parser.add_argument("--pack-real-share", type=float, default=lora.PACK_REAL_SHARE,
                         help="decode steps with at most this share of real queries run the linears on "
                              "those only (tah.model.lora.PACK_REAL_SHARE; 0 = never)")
@@ -142,10 +142,11 @@ def main() -> None:
     bare = base_model()
     model = tah_model(copy.deepcopy(bare))
     rates = [None, *args.rates]
-    table = Table(title=f"decode: {args.new_tokens} new tokens, greedy, float32, 2 threads, {args.draft_candidates} draft "
-                        f"candidate(s); ratios: median (range) over {args.repeats} repeats of the ratio within each")
+    drafts = "tah.generate's default" if args.draft_candidates is None else args.draft_candidates
+    table = Table(title=f"decode: {args.new_tokens} new tokens, greedy, float32, 2 threads, draft candidates: {drafts}; "
+                        f"ratios: median (range) over {args.repeats} repeats of the ratio within each")
     for col in ("batch", "context", "engine", "tokens/s", "vs never", "never vs HF", "iterated", "KV vs base",
-                "draft accept"):
+                "draft accept (candidates)"):
         table.add_column(col, justify="right")
     breakdown = breakdown_table()
     gen = torch.Generator().manual_seed(0)
@@ -170,7 +171,7 @@ def main() -> None:
                        ratio_cell(speed_ratio(times, never_times)),
                        ratio_cell(speed_ratio(never_times, measured["HF"][0])) if label == "never" else "",
                        f"{iterated:.1%}", f"{kv_ratio(out, batch, context, new):.3f}",
-                       f"{stats.acceptance:.1%}" if stats.drafts else "-")
+                       f"{stats.acceptance:.1%} ({stats.draft_candidates})" if stats.drafts else "-")
                 table.add_row(*row)
                 console.print("  ".join(row), style="dim")  # progress, before the table at the end
                 if rate is not None:

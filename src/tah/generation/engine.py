@@ -40,6 +40,7 @@ from tah.model.soft_input import soft_embedding
 @dataclass
 class DecodeStats:
     forwards: int = 0
+    draft_candidates: int = 1  # drafted per hard token (fused)
     drafts: int = 0  # hard tokens whose next token was drafted
     drafts_accepted: int = 0  # ... and kept (a candidate was right)
     runner_ups_accepted: int = 0  # ... kept thanks to the second candidate (draft_candidates=2)
@@ -117,7 +118,7 @@ class Decoder:
         decider = model.decider
         self.decides = self.max_iter > 1 and not (isinstance(decider, ConstantDecider) and not decider.value)
         self.embed = model.lm.get_input_embeddings()
-        self.stats = DecodeStats()
+        self.stats = DecodeStats(draft_candidates=candidates)
 
     # -- the loop ------------------------------------------------------------------------------
     @torch.no_grad()
