@@ -6,9 +6,10 @@ take another kernel. On an AMD EPYC (AVX2) with PyTorch's MKL, bench_decode's 56
 rows took 15.5 ms as x @ W^T and 8.9 ms as W @ x^T (1 row: 8.2 vs 9.6 ms), and its 32000 x 512 LM
 head took 12.0 vs 4.0 ms at 2 rows, and 6.6 vs 3.4 ms at 1 row when a zero row is added so that BLAS
 runs its matrix kernel, not its slower vector one (one-off timings, weights cold from memory as in
-a real step); an odd count of rows gets that candidate too (the head over 3 rows: 6.3 ms, over 4:
-4.4 ms), which makes a third query (greedy's second draft) cheap. So a fused decode step, whose second query should be nearly free, cost almost two
-steps there. On other machines x @ W^T is as fast or faster.
+a real step). So a fused decode step, whose second query should be nearly free, cost almost two
+steps there. Any odd count of rows may take a zero row too (the head over 3 rows: 6.3 ms, over 4:
+4.4 ms), which makes a third query (greedy's second draft) cheap. On other machines x @ W^T is as
+fast or faster.
 
 Hence no fixed rule: each (rows, weight shape, dtype) times the candidate layouts on its first
 calls, in place (cold weights, real neighbours), and keeps the fastest. Results agree with

@@ -54,7 +54,7 @@ def tah_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         out = F.scaled_dot_product_attention(query.reshape(batch, heads // groups, groups, dim), key, value,
                                              attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
         return out.reshape(batch, 1, heads, dim), None
-    if attention_mask.shape[1] == 1 and _packs(batch, queries, query.requires_grad):
+    if attention_mask.shape[1] == 1 and _packs(queries, query.requires_grad):
         # (B, KV, groups * A, D) queries under the (B, 1, groups * A, S) mask repeated per head of a group
         out = F.scaled_dot_product_attention(query.reshape(batch, heads // groups, groups * queries, dim), key, value,
                                              attn_mask=packed_mask(attention_mask, groups), dropout_p=dropout,
@@ -65,7 +65,7 @@ def tah_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     return out.transpose(1, 2).contiguous(), None
 
 
-def _packs(batch: int, queries: int, grad: bool) -> bool:
+def _packs(queries: int, grad: bool) -> bool:
     """Run a masked pass with a KV group's queries packed as one (see the module docstring)?"""
     return queries >= PACKED_QUERIES or queries <= DECODE_QUERIES and not grad
 
