@@ -62,9 +62,12 @@ def _x_weight_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _weight_x_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1])
-    out = torch.mm(weight, flat.t()) if bias is None else torch.addmm(bias[:, None], weight, flat.t())
-    return _rows_first(out).view(*x.shape[:-1], -1)
+    return _rows_first(_product_t(x.reshape(-1, x.shape[-1]), weight, bias)).view(*x.shape[:-1], -1)
+
+
+def _product_t(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(rows, in) -> (out_features, rows): the product asked of BLAS as W @ x^T."""
+    return torch.mm(weight, flat.t()) if bias is None else torch.addmm(bias[:, None], weight, flat.t())
 
 
 def _rows_first(out: torch.Tensor) -> torch.Tensor:
@@ -85,8 +88,7 @@ def _weight_x_t_even(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """An odd number of rows, run as one more (a zero row): MKL on AVX2 runs 1 and 3 columns in
     slower kernels than 2 and 4 (one-off timings: the LM head over 3 rows 6.3 ms, over 4 4.4 ms)."""
     flat = x.reshape(-1, x.shape[-1])
-    padded = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
-    out = torch.mm(weight, padded.t()) if bias is None else torch.addmm(bias[:, None], weight, padded.t())
+    out = _product_t(torch.cat([flat, flat.new_zeros(1, flat.shape[1])]), weight, bias)
     return _rows_first(out[:, :-1]).view(*x.shape[:-1], -1)  # the zero row's results are not copied
 
 
