@@ -81,3 +81,32 @@ def test_decoding_through_few_rows_gives_the_same_tokens(fused, monkeypatch):
     assert few_rows._best or few_rows._choices, "the decode never took the few_rows path"
     assert torch.equal(out.sequences, plain.sequences)
     assert torch.equal(out.iter_counts, plain.iter_counts)
+
+
+def test_a_wrapped_linear_keeps_its_decided_layout_and_sees_new_weights(monkeypatch):
+    """DepthLoRALinear keeps few_rows' decided layout per input shape (decode's hot path); a weight
+    replaced by assignment, or a cast, must still be used, not the tensor the layout was kept with."""
+    from tah.model.lora import DepthLoRALinear, DepthState
+
+    calls = []
+
+    def counted(x, weight, bias):
+        calls.append(weight)
+        return F.linear(x, weight, bias)
+
+    monkeypatch.setattr(few_rows, "_candidates", lambda rows: [counted])
+    layer = DepthLoRALinear(torch.nn.Linear(256, 512), 4, 8.0, 0.0, 1, DepthState())
+    x = torch.randn(1, 1, 256)
+    with torch.no_grad():
+        for _ in range(few_rows.TRIALS + 2):  # trials, then the kept layout
+            torch.testing.assert_close(layer(x), layer.base_layer(x))
+        assert len(calls) == few_rows.TRIALS + 2 and layer._plans, "the decided layout is not used and kept"
+        layer.base_layer.weight = torch.nn.Parameter(torch.randn(512, 256))
+        torch.testing.assert_close(layer(x), layer.base_layer(x))
+        assert calls[-1] is layer.base_layer.weight
+        layer.double()
+        out = layer(x.double())
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, layer.base_layer(x.double()))
+    out = layer(x.double())  # under autograd: F.linear, with gradients
+    assert out.requires_grad

@@ -31,6 +31,7 @@ class DepthState:
         # (N,) flat indices of the real queries of a decode step that is mostly padding, else None:
         # the linears then run on those rows only (see DepthLoRALinear.forward)
         self.rows: torch.Tensor | None = None
+        self.plain = True  # depth 0 for every query, no packing: the base model's own products
 
     def set(self, depth: int | torch.Tensor, dtype: torch.dtype | None = None,
             real: torch.Tensor | None = None) -> None:
@@ -42,6 +43,7 @@ class DepthState:
         self.depth = depth
         self.selections = {}
         self.rows = None
+        self.plain = False
         if real is not None and real.device.type == "cpu" and 1 < real.numel() <= _FEW_TAGS \
                 and not torch.is_grad_enabled():
             flags = real.flatten().tolist()
@@ -49,6 +51,7 @@ class DepthState:
                 self._set_packed(depth, [i for i, f in enumerate(flags) if f], real.device, dtype)
                 return
         if isinstance(depth, int):
+            self.plain = depth == 0
             return
         if depth.numel() > _FEW_TAGS:
             for d in sorted(int(d) for d in torch.unique(depth).tolist()):
@@ -114,6 +117,8 @@ class DepthLoRALinear(nn.Module):
         self._state = state
         self._merged: dict[int, torch.Tensor] = {}
         self._inference: list[tuple | None] = [None] * num_adapters  # see factors()
+        self._base_params = base_layer._parameters  # read per call without Module.__getattr__
+        self._plans: dict[torch.Size, tuple] = {}  # see _base_product
 
     def adapter_index(self, depth: int) -> int:
         return min(depth, len(self._keys)) - 1
@@ -143,6 +148,7 @@ class DepthLoRALinear(nn.Module):
     def _apply(self, fn, recurse=True):
         """Moves and casts (.to, .half, ...) may give the parameters new tensors: drop the kept ones."""
         self._inference = [None] * len(self._keys)
+        self._plans = {}
         return super()._apply(fn, recurse)
 
     def add_adapter_(self, out: torch.Tensor, rows: torch.Tensor, depth: int,
@@ -166,7 +172,10 @@ class DepthLoRALinear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self._state.rows
+        state = self._state
+        if state.plain:  # depth 0 without packing: every plain decode step, in the fewest Python steps
+            return self._base_product(x)
+        rows = state.rows
         if rows is None:
             return self._forward(x)
         # A decode step that is mostly padding: the product runs on its real queries only. From a
@@ -181,14 +190,13 @@ class DepthLoRALinear(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features), or (N, in_features) packed real queries when the state has rows."""
         depth = self._state.depth
-        base = self.base_layer
         if isinstance(depth, int):
-            if depth == 0:  # not base(x): a module call per linear is measurable in decode
-                return few_rows.linear(x, base.weight, base.bias)
+            if depth == 0:
+                return self._base_product(x)
             index = self.adapter_index(depth)
             if index in self._merged:
-                return few_rows.linear(x, self._merged[index], base.bias)
-        out = few_rows.linear(x, base.weight, base.bias)
+                return few_rows.linear(x, self._merged[index], self.base_layer.bias)
+        out = self._base_product(x)
         if self.training:  # eval-mode dropout is the identity; skipping its module call saves time
             x = self.dropout(x)
         if isinstance(depth, int):
@@ -201,6 +209,22 @@ class DepthLoRALinear(nn.Module):
                 self.add_adapter_(_queries_at(out, where), _queries_at(x, where), d)
             else:
                 self.add_adapter_(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), d, where)
+        return out
+
+    def _base_product(self, x: torch.Tensor) -> torch.Tensor:
+        """base_layer(x) without its module call, through `few_rows`. At inference the layout
+        chosen for x's shape is kept here (with the tensors it was made for: a weight replaced by
+        assignment is seen), so a decode step's linear makes no checks or lookups beyond this."""
+        params = self._base_params
+        weight, bias = params["weight"], params.get("bias")
+        kept = self._plans.get(x.shape)
+        if kept is not None and kept[1] is weight and kept[2] is bias and kept[3] == x.dtype \
+                and not torch.is_grad_enabled():
+            return kept[0](x)
+        out = few_rows.linear(x, weight, bias)
+        product = few_rows.plan(x, weight, bias)
+        if product is not None:
+            self._plans[x.shape] = (product, weight, bias, x.dtype)
         return out
 
     @torch.no_grad()
