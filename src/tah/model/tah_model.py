@@ -354,16 +354,25 @@ class TaHForCausalLM(nn.Module):
         wanted = list(self.decider.needs_hidden) if need_hidden else []
         # A decode step on CPU runs the LM head itself too, as few_rows chooses (HF's head is F.linear)
         own_head = head is not None or need is not None or self._few_rows_head(positions)
-        if own_head:
-            wanted = sorted({*wanted, self.num_layers})  # the final-norm output feeds our LM head
-        keep = torch.zeros(0, dtype=torch.long, device=inputs.device) if own_head else 0
-        out = self.lm(inputs_embeds=inputs, position_ids=positions, attention_mask=mask, **{HF_CACHE_ARG: cache},
-                      use_cache=True, output_hidden_states=wanted or False, logits_to_keep=keep)
+        # Our own head takes the decoder's final-norm output: the inner model is called, so HF's
+        # head, and the capture of hidden states (hooks on every layer) when no decider reads them, are skipped.
+        model = self._decoder() if own_head else self.lm
+        extra = {} if own_head else {"logits_to_keep": 0}
+        out = model(inputs_embeds=inputs, position_ids=positions, attention_mask=mask, **{HF_CACHE_ARG: cache},
+                    use_cache=True, output_hidden_states=wanted or False, **extra)
         self.depth_state.set(0)
         if not own_head:
             return out.logits, out.hidden_states
-        final = out.hidden_states[self.num_layers]
+        final = out.last_hidden_state
         return (head or self._lm_head)(final if need is None else final[need]), out.hidden_states
+
+    def _decoder(self) -> nn.Module:
+        """The wrapped model's inner decoder (`get_decoder()`, which tries several attribute names
+        and costs tens of microseconds a call: looked up once per wrapped model)."""
+        kept = self.__dict__.get("_kept_decoder")  # a tuple: not registered as a submodule
+        if kept is None or kept[0] is not self.lm:
+            kept = self.__dict__["_kept_decoder"] = (self.lm, self.lm.get_decoder())
+        return kept[1]
 
     def _few_rows_head(self, positions: torch.Tensor) -> bool:
         """Should a pass over these (B, A) queries run the LM head through `few_rows`?"""
