@@ -29,3 +29,11 @@ def test_where_it_iterates_is_random_and_a_function_of_seed_position_and_depth()
     assert not torch.equal(first, other_seed) and not torch.equal(first, deeper)
     offsets = positions[first] % 10  # the place in its block: spread, not one fixed offset
     assert len(set(offsets.tolist())) == 10
+
+
+def test_its_python_decisions_are_its_tensor_ones():
+    decider = ExactShareDecider(0.1, seed=0)
+    positions = list(range(0, 3000, 7))
+    for depth in (0, 1):
+        expected = decider(None, None, torch.tensor([positions]), depth)[0][0].tolist()
+        assert decider.decide_positions(positions, depth) == expected

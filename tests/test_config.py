@@ -269,3 +269,17 @@ def test_random_decider_lookup_equals_the_hash_as_its_table_grows():
         for d in (0, 2, 4):
             assert torch.equal(decider(None, None, positions, d)[0], decider.draw(positions, d))
     assert decider._table.shape[1] > 4096  # grew twice
+
+
+def test_random_decisions_in_python_equal_the_tensor_ones_as_the_table_grows():
+    """Decoding asks a position-only decider in Python (decide_positions); it must answer as forward."""
+    from tah.model.decider import RandomDecider
+
+    decider = RandomDecider(0.3, seed=11)
+    gen = torch.Generator().manual_seed(1)
+    for high in (10, 1500, 5000):  # the Python rows follow the table as it grows
+        positions = torch.randint(0, high, (9,), generator=gen)
+        for depth in (0, 1, 3):
+            expected = decider(None, None, positions[None], depth)[0][0].tolist()
+            assert decider.decide_positions(positions.tolist(), depth) == expected, (high, depth)
+    assert decider.decide_positions([], 0) == []

@@ -19,12 +19,20 @@ from tah.errors import ConfigError, InputError
 class Decider(nn.Module):
     needs_hidden: tuple[int, ...] = ()  # indices into HF's hidden_states the decider reads
     reads_logits: bool = False  # False: it may decide before the pass runs (acc_logits=None)
+    # True: decisions depend on (position, depth) only, and `decide_positions` gives them in Python
+    position_only: bool = False
 
     def forward(self, acc_logits: torch.Tensor, hidden_states: tuple | None, positions: torch.Tensor,
                 depth: int, iter_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """acc_logits (B, A, V); positions (B, A); depth: index of the pass just run (0-based), an int
         or a (B, A) tensor (queries at different depths)."""
         raise NotImplementedError
+
+    def decide_positions(self, positions: list[int], depth: int) -> list[bool]:
+        """`forward`'s decisions for queries at these positions after the pass of index `depth`, as
+        Python bools, for deciders that are `position_only`: a decode step then makes no tensor op
+        to decide (each costs microseconds there)."""
+        raise NotImplementedError(f"{type(self).__name__} decides from the pass, not from positions alone")
 
 
 class ConstantDecider(Decider):
@@ -63,10 +71,13 @@ class RandomDecider(Decider):
     (depths, positions) table that grows by doubling; a call is a lookup (decode calls it per token).
     """
 
+    position_only = True
+
     def __init__(self, rate: float, seed: int) -> None:
         super().__init__()
         self.rate, self.seed = rate, seed
         self._table = torch.zeros(0, 0, dtype=torch.bool)
+        self._rows: list[list[bool]] = []  # the table's rows as Python lists (decide_positions)
 
     def draw(self, positions: torch.Tensor, depth: int | torch.Tensor) -> torch.Tensor:
         """The decision itself: bool, the broadcast shape of positions and depth."""
@@ -83,6 +94,15 @@ class RandomDecider(Decider):
         depths = depth + 1 if isinstance(depth, int) else int(depth.max()) + 1
         table = self._decisions(depths, int(positions.max()) + 1, positions.device)
         return table[depth, positions], None  # one lookup for an int or a tensor depth
+
+    def decide_positions(self, positions: list[int], depth: int) -> list[bool]:
+        rows = self._rows
+        if not positions:
+            return []
+        if len(rows) <= depth or len(rows[0]) <= max(positions):
+            table = self._decisions(depth + 1, max(positions) + 1, self._table.device)
+            rows = self._rows = table.tolist()
+        return [rows[depth][p] for p in positions]
 
     def _decisions(self, depths: int, positions: int, device: torch.device) -> torch.Tensor:
         """The (>= depths, >= positions) table of decisions on `device`."""
