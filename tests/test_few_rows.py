@@ -104,6 +104,8 @@ def test_a_wrapped_linear_keeps_its_decided_layout_and_sees_new_weights(monkeypa
         layer.base_layer.weight = torch.nn.Parameter(torch.randn(512, 256))
         torch.testing.assert_close(layer(x), layer.base_layer(x))
         assert calls[-1] is layer.base_layer.weight
+        layer.base_layer = torch.nn.Linear(256, 512)  # a new module too
+        torch.testing.assert_close(layer(x), layer.base_layer(x))
         layer.double()
         out = layer(x.double())
         assert out.dtype == torch.float64

@@ -117,8 +117,12 @@ class DepthLoRALinear(nn.Module):
         self._state = state
         self._merged: dict[int, torch.Tensor] = {}
         self._inference: list[tuple | None] = [None] * num_adapters  # see factors()
-        self._base_params = base_layer._parameters  # read per call without Module.__getattr__
         self._plans: dict[torch.Size, tuple] = {}  # see _base_product
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name == "base_layer":  # its parameters, read per call without Module.__getattr__
+            self.__dict__["_base_params"] = value._parameters
 
     def adapter_index(self, depth: int) -> int:
         return min(depth, len(self._keys)) - 1
