@@ -138,25 +138,35 @@ class TaHCache:
             raise RuntimeError("a split TaHCache (deep_capacity set) is written in place; run it under torch.no_grad()")
         width = positions.shape[1]
         shallow = depth == 0 if isinstance(depth, int) else None  # None: a mixed-depth pass
-        in_region0 = torch.full_like(real, shallow) if shallow is not None else depth == 0
-        counts0 = in_region0.sum(1)  # queries (real or padding) per row in each region
-        counts1 = width - counts0
-        end0, end1 = int((self.fill + counts0).max()), int((self.deep_fill + counts1).max())  # past the last slot written
-        self._grow_split(end0, end1)
         all_real = bool(real.all())
-        self._place_split(positions, depth, real, in_region0, shallow, all_real)
-        self.fill = self.fill + (counts0 if all_real else (real & in_region0).sum(1))
-        self.deep_fill = self.deep_fill + (counts1 if all_real else (real & ~in_region0).sum(1))
-        self.seen = self.seen + width if shallow and all_real else self.seen + (real & in_region0).sum(1)
+        if shallow is not None and all_real:  # the plain decode step: counts are Python ints (each op costs there)
+            n0, n1 = (width, 0) if shallow else (0, width)
+            end0, end1 = int(self.fill.max()) + n0, int(self.deep_fill.max()) + n1  # past the last slot written
+            self._grow_split(end0, end1)
+            self._place_split(positions, depth, real, None, shallow, all_real)
+            self.fill = self.fill + n0 if n0 else self.fill
+            self.deep_fill = self.deep_fill + n1 if n1 else self.deep_fill
+            self.seen = self.seen + n0 if n0 else self.seen
+            deep = not shallow
+        else:
+            in_region0 = torch.full_like(real, shallow) if shallow is not None else depth == 0
+            counts0 = in_region0.sum(1)  # queries (real or padding) per row in each region
+            counts1 = width - counts0
+            end0, end1 = int((self.fill + counts0).max()), int((self.deep_fill + counts1).max())
+            self._grow_split(end0, end1)
+            self._place_split(positions, depth, real, in_region0, shallow, all_real)
+            self.fill = self.fill + (counts0 if all_real else (real & in_region0).sum(1))
+            self.deep_fill = self.deep_fill + (counts1 if all_real else (real & ~in_region0).sum(1))
+            self.seen = self.seen + (real & in_region0).sum(1)
+            deep = not shallow if shallow is not None else bool(counts1.any())
         # Depth-0 queries read region 0 only; deeper ones need region 1 too.
-        deep = not shallow if shallow is not None else bool(counts1.any())
         self._length = self.capacity + end1 if deep else end0
         if shallow and self._start is not None and (self._start == 0 or width == 1):
             return None  # region 0 holds valid depth-0 entries only: causal from empty, or one query that sees all
         return self._mask(positions, depth, dtype)
 
     def _place_split(self, positions: torch.Tensor, depth: int | torch.Tensor, real: torch.Tensor,
-                     in_region0: torch.Tensor, shallow: bool | None, all_real: bool) -> None:
+                     in_region0: torch.Tensor | None, shallow: bool | None, all_real: bool) -> None:
         """Choose this pass's slots in a split cache and write their tags: one block (a pass at one
         depth, rows filled alike), a block per region (a fused step whose rows are alike), or scattered."""
         self._start, self._blocks, self._slots = None, None, None
@@ -177,6 +187,8 @@ class TaHCache:
             if self._start is not None:
                 self._blocks = None  # one block: the contiguous path of update() and last_slots
             return
+        if in_region0 is None:  # a pass at one depth
+            in_region0 = torch.full_like(real, shallow)
         slots = torch.where(in_region0, self.fill[:, None] + _in_block(real, in_region0),
                             self.capacity + self.deep_fill[:, None] + _in_block(real, ~in_region0))
         rows = torch.arange(real.shape[0], device=real.device)[:, None]
@@ -391,7 +403,7 @@ def _first_per_row(rows: torch.Tensor, slots: torch.Tensor) -> tuple[list[int], 
 
 def _alike(fill: torch.Tensor) -> bool:
     """Do all rows hold the same count (fill (B,))? Then a pass can write one block of slots."""
-    return bool((fill == fill[0]).all())
+    return fill.shape[0] == 1 or bool((fill == fill[0]).all())
 
 
 def _in_block(real: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
