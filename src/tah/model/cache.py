@@ -140,25 +140,22 @@ class TaHCache:
         shallow = depth == 0 if isinstance(depth, int) else None  # None: a mixed-depth pass
         all_real = bool(real.all())
         if shallow is not None and all_real:  # the plain decode step: counts are Python ints (each op costs there)
-            n0, n1 = (width, 0) if shallow else (0, width)
-            end0, end1 = int(self.fill.max()) + n0, int(self.deep_fill.max()) + n1  # past the last slot written
-            self._grow_split(end0, end1)
-            self._place_split(positions, depth, real, None, shallow, all_real)
-            self.fill = self.fill + n0 if n0 else self.fill
-            self.deep_fill = self.deep_fill + n1 if n1 else self.deep_fill
-            self.seen = self.seen + n0 if n0 else self.seen
+            in_region0 = None
+            count0, count1 = (width, 0) if shallow else (0, width)  # real queries in each region
+            end0, end1 = int(self.fill.max()) + count0, int(self.deep_fill.max()) + count1
             deep = not shallow
         else:
             in_region0 = torch.full_like(real, shallow) if shallow is not None else depth == 0
-            counts0 = in_region0.sum(1)  # queries (real or padding) per row in each region
-            counts1 = width - counts0
-            end0, end1 = int((self.fill + counts0).max()), int((self.deep_fill + counts1).max())
-            self._grow_split(end0, end1)
-            self._place_split(positions, depth, real, in_region0, shallow, all_real)
-            self.fill = self.fill + (counts0 if all_real else (real & in_region0).sum(1))
-            self.deep_fill = self.deep_fill + (counts1 if all_real else (real & ~in_region0).sum(1))
-            self.seen = self.seen + (real & in_region0).sum(1)
-            deep = not shallow if shallow is not None else bool(counts1.any())
+            count0 = in_region0.sum(1)  # queries (real or padding) per row in each region
+            count1 = width - count0
+            end0, end1 = int((self.fill + count0).max()), int((self.deep_fill + count1).max())  # past the last slot
+            deep = not shallow if shallow is not None else bool(count1.any())
+            if not all_real:
+                count0, count1 = (real & in_region0).sum(1), (real & ~in_region0).sum(1)
+        self._grow_split(end0, end1)
+        self._place_split(positions, depth, real, in_region0, shallow, all_real)
+        self.fill, self.deep_fill = _plus(self.fill, count0), _plus(self.deep_fill, count1)
+        self.seen = _plus(self.seen, count0)  # real depth-0 tokens
         # Depth-0 queries read region 0 only; deeper ones need region 1 too.
         self._length = self.capacity + end1 if deep else end0
         if shallow and self._start is not None and (self._start == 0 or width == 1):
@@ -399,6 +396,11 @@ def _first_per_row(rows: torch.Tensor, slots: torch.Tensor) -> tuple[list[int], 
     for b, slot in zip(rows.tolist(), slots.tolist(), strict=True):
         first[b] = min(slot, first.get(b, slot))
     return list(first), list(first.values())
+
+
+def _plus(counts: torch.Tensor, more: torch.Tensor | int) -> torch.Tensor:
+    """counts + more as a new tensor (callers may hold the old one); no op when more is the int 0."""
+    return counts if isinstance(more, int) and more == 0 else counts + more
 
 
 def _alike(fill: torch.Tensor) -> bool:

@@ -35,16 +35,15 @@ ROW_COPY_FEATURES = 8192  # from this many output features on, results are trans
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias): x (..., in) -> (..., out), contiguous; at inference on CPU with at
     most MAX_ROWS rows, computed the fastest way this process has measured for its shape."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not handles(rows, weight) or x.dtype != weight.dtype:
+    key = _shape_key(x, weight)
+    if key is None:
         return F.linear(x, weight, bias)
-    key = (rows, weight.shape, weight.dtype)
-    best = _best.get(key)  # the hot path of a decode step: one lookup, one call
+    best = _best.get(key)
     if best is not None:
         return best(x, weight, bias)
     choice = _choices.get(key)
     if choice is None:
-        choice = _choices[key] = _Choice(_candidates(rows))
+        choice = _choices[key] = _Choice(_candidates(key[0]))
     out, best = choice.run(x, weight, bias)
     if best is not None:  # decided: off trial
         _best[key] = best
@@ -61,11 +60,18 @@ def plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     alternating between the two ways within runs, one-off)."""
     if torch.is_grad_enabled():
         return None
+    key = _shape_key(x, weight)
+    best = F.linear if key is None else _best.get(key)
+    return None if best is None else partial(best, weight=weight, bias=bias)
+
+
+def _shape_key(x: torch.Tensor, weight: torch.Tensor) -> tuple | None:
+    """(rows, weight shape, dtype): the key of x @ weight^T's layout choice, or None when it is
+    plain F.linear (autograd, large or small products, GPUs, mixed dtypes)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if not handles(rows, weight) or x.dtype != weight.dtype:
-        return partial(F.linear, weight=weight, bias=bias)
-    best = _best.get((rows, weight.shape, weight.dtype))
-    return None if best is None else partial(best, weight=weight, bias=bias)
+        return None
+    return rows, weight.shape, weight.dtype
 
 
 def handles(rows: int, weight: torch.Tensor) -> bool:
