@@ -4,10 +4,12 @@ A random-init Qwen3 of ~41M parameters (vocab 32000, hidden 512, 8 layers, 8 hea
 head_dim 64, MLP 1536, tied embeddings), float32, 2 threads; greedy; the `random` decider makes a
 chosen share of tokens iterate (max_iter 2), exactly that share of every few positions
 (`ExactShareDecider`). Every figure is a ratio measured in this one run
-(the median over --repeats round-robin repeats, after a warm-up, of the ratio within each repeat,
-with its range in brackets; tokens/s are medians). --breakdown adds where each TaH row's
-extra time goes, from the engine's step timings (DecodeStats) of its last run against the `never`
-engine's last run. Usage: python benchmarks/bench_decode.py [--quick] [--breakdown]
+(the median over --repeats repeats, after a warm-up, of the ratio within each repeat, with its
+range in brackets; tokens/s are medians). TaH engines (`never`, and `random` at each rate) run in
+lockstep: their decode steps interleave, one step of each in turn, so the noise of a shared
+machine hits all alike (`lockstep`); `never` vs HF `generate` compares whole runs, round-robin.
+--breakdown adds where each TaH row's extra time goes, from the engine's step timings
+(DecodeStats) of the last lockstep repeat. Usage: python benchmarks/bench_decode.py [--quick] [--breakdown]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import copy
 import statistics
 import time
 from fractions import Fraction
+from unittest import mock
 
 import torch
 from rich.console import Console
@@ -25,7 +28,8 @@ from rich.table import Table
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from tah import TaHConfig, TaHForCausalLM
-from tah.generation import generate
+from tah.generation import engine, generate
+from tah.generation.generate import MAX_DRAFT_CANDIDATES
 from tah.model import few_rows, lora
 from tah.model.decider import ConstantDecider, RandomDecider
 
@@ -100,6 +104,56 @@ def interleaved_runs(runs: dict, repeats: int) -> dict:
     return {name: (times[name], results[name]) for name in runs}
 
 
+class _Started(Exception):
+    """Raised by `started` to leave `tah.generate` once its decoder has prefilled."""
+
+
+def started(model, ids: torch.Tensor, **kwargs) -> engine.Decoder:
+    """The decoder `tah.generate(model, ids, **kwargs)` runs, after its prefill: generate builds it
+    (its argument checks and defaults, e.g. the draft count), and only its step loop is left to
+    `lockstep`."""
+    box = []
+
+    def begin_only(decoder, input_ids, attention_mask, capacity):
+        decoder.begin(input_ids, attention_mask, capacity)
+        box.append(decoder)
+        raise _Started
+
+    with mock.patch.object(engine.Decoder, "run", begin_only):
+        try:
+            generate(model, ids, **kwargs)
+        except _Started:
+            pass
+    return box[0]
+
+
+def lockstep(model, rates: list, ids: torch.Tensor, repeats: int, **kwargs) -> dict:
+    """{rate: (seconds of each repeat, last output)} for TaH engines at `rates` (None: `never`),
+    their decode steps interleaved: one step of each engine in turn, so that whatever this noisy
+    machine does in a stretch of time (slow spells of 10-30% come and go within a run) hits every
+    engine alike. An engine's seconds are its prefill and its own steps. Ratios of whole runs, even
+    paired, swung 0.90-0.99 over repeats where these read 0.93-0.95. One warm-up repeat first."""
+    times = {rate: [] for rate in rates}
+    outputs = {}
+    for repeat in range(repeats + 1):
+        order = rates[repeat % len(rates):] + rates[:repeat % len(rates)]
+        decoders, deciders = {}, {}
+        for rate in order:
+            decoders[rate] = started(use_decider(model, rate), ids, **kwargs)
+            deciders[rate] = model.decider
+        while not all(decoder.finished for decoder in decoders.values()):
+            for rate, decoder in decoders.items():
+                if not decoder.finished:
+                    model.decider = deciders[rate]
+                    decoder.step()
+        for rate, decoder in decoders.items():
+            outputs[rate] = decoder.end()
+            stats = outputs[rate].stats
+            if repeat:
+                times[rate].append(own_seconds(stats))
+    return {rate: (times[rate], outputs[rate]) for rate in rates}
+
+
 def speed_ratio(engine: list[float], reference: list[float]) -> tuple[float, float, float]:
     """engine's speed vs reference's from their seconds in each repeat: the median, min and max
     of reference_i / engine_i. Pairing the two runs of one repeat cancels what the machine's own
@@ -121,7 +175,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 2048])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 1.0])
-    parser.add_argument("--draft-candidates", type=int, choices=[1, 2], default=None,
+    parser.add_argument("--draft-candidates", type=int, choices=range(1, MAX_DRAFT_CANDIDATES + 1), default=None,
                         help="drafts beside a hard token (tah.generate's draft_candidates: 2 adds the depth-0 "
                              "runner-up; default: tah.generate's, 2 at batch 1 and 1 above)")
     parser.add_argument("--pack-real-share", type=float, default=lora.PACK_REAL_SHARE,
@@ -144,7 +198,8 @@ def main() -> None:
     rates = [None, *args.rates]
     drafts = "tah.generate's default" if args.draft_candidates is None else args.draft_candidates
     table = Table(title=f"decode: {args.new_tokens} new tokens, greedy, float32, 2 threads, draft candidates: {drafts}; "
-                        f"ratios: median (range) over {args.repeats} repeats of the ratio within each")
+                        f"ratios: median (range) over {args.repeats} repeats of the ratio within each; TaH engines "
+                        "in lockstep (steps interleaved; tokens/s: prefill and own steps), HF and `never` by whole runs")
     for col in ("batch", "context", "engine", "tokens/s", "vs never", "never vs HF", "iterated", "KV vs base",
                 "draft accept (candidates)"):
         table.add_column(col, justify="right")
@@ -154,30 +209,33 @@ def main() -> None:
         for context in args.contexts:
             ids = torch.randint(3, 32000, (batch, context), generator=gen)
             new = args.new_tokens
-            runs = {"HF": lambda ids=ids, new=new: bare.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new, min_new_tokens=new,
-                pad_token_id=0)}
-            for rate in rates:
-                runs[rate] = lambda rate=rate, ids=ids, new=new: generate(
-                    use_decider(model, rate), ids, max_new_tokens=new, draft_candidates=args.draft_candidates)
-            measured = interleaved_runs(runs, args.repeats)
-            never_times = measured[None][0]
+            options = dict(max_new_tokens=new, draft_candidates=args.draft_candidates)
+            # never vs HF: whole runs, HF's loop cannot be interleaved; TaH vs never: steps interleaved
+            measured = interleaved_runs({
+                "HF": lambda ids=ids, new=new: bare.generate(
+                    ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                    min_new_tokens=new, pad_token_id=0),
+                None: lambda ids=ids, options=options: generate(use_decider(model, None), ids, **options)}, args.repeats)
+            locked = lockstep(model, rates, ids, args.repeats, **options)
+            never_times = locked[None][0]
             for rate in rates:
                 label = "never" if rate is None else f"random {rate:.0%}"
-                times, out = measured[rate]
+                times, out = locked[rate]
                 stats = out.stats
                 iterated = (out.iter_counts > 1).float().mean().item()
                 row = (str(batch), str(context), label, f"{batch * new / statistics.median(times):.1f}",
                        ratio_cell(speed_ratio(times, never_times)),
-                       ratio_cell(speed_ratio(never_times, measured["HF"][0])) if label == "never" else "",
+                       ratio_cell(speed_ratio(measured[None][0], measured["HF"][0])) if label == "never" else "",
                        f"{iterated:.1%}", f"{kv_ratio(out, batch, context, new):.3f}",
                        f"{stats.acceptance:.1%} ({stats.draft_candidates})" if stats.drafts else "-")
                 table.add_row(*row)
                 console.print("  ".join(row), style="dim")  # progress, before the table at the end
                 if rate is not None:
-                    breakdown.add_row(str(batch), str(context), label, *extra_time(stats, measured[None][1].stats))
+                    breakdown.add_row(str(batch), str(context), label, *extra_time(stats, locked[None][1].stats))
             hf_speed = batch * new / statistics.median(measured["HF"][0])
             table.add_row(str(batch), str(context), "HF generate (bare)", f"{hf_speed:.1f}", "", "", "", "1.000", "")
+            never_alone = batch * new / statistics.median(measured[None][0])
+            table.add_row(str(batch), str(context), "never (whole runs)", f"{never_alone:.1f}", "", "", "", "", "")
     console.print(table)
     layouts = collections.Counter(few_rows.chosen().values())
     console.print("few_rows layouts chosen (per product shape): "
@@ -187,17 +245,17 @@ def main() -> None:
 
 
 def breakdown_table() -> Table:
-    table = Table(title="where TaH's extra time goes: ms vs the `never` engine (last run of each), "
+    table = Table(title="where TaH's extra time goes: ms vs the `never` engine (last lockstep repeat), "
                         "each part's share of never's time in brackets")
     for col, note in (("batch", ""), ("context", ""), ("engine", ""), ("prefill", "hard prompt tokens"),
                       ("deep steps", "count x extra each"), ("extra steps", "rolled-back drafts"),
-                      ("shallow steps", "count x extra each"), ("rest", "loop, output"), ("total", "")):
+                      ("shallow steps", "count x extra each"), ("total", "")):
         table.add_column(f"{col}\n({note})" if note else col, justify="right")
     return table
 
 
 def extra_time(tah, never) -> tuple[str, ...]:
-    """TaH's extra seconds over the `never` engine, split into parts that sum to the whole. A step
+    """TaH's extra seconds over the `never` engine (own time), split into parts that sum to the whole. A step
     is priced at never's mean step: a deeper pass costs what its step takes beyond that, a rolled-back
     draft costs one more step (fusing saves one per kept draft), and a depth-0-only step costs what
     the decider and the masked attention add."""
@@ -208,16 +266,20 @@ def extra_time(tah, never) -> tuple[str, ...]:
         "steps": (tah.forwards - never.forwards) * step,
         "shallow": tah.shallow_seconds - tah.shallow_steps * step,
     }
-    parts["rest"] = tah.seconds - never.seconds - sum(parts.values())
-    total = tah.seconds - never.seconds
+    total, never_seconds = sum(parts.values()), own_seconds(never)
 
     def cell(seconds: float, count: int | None = None) -> str:
         each = f"{count} x {seconds / count * 1e3:+.2f} = " if count else ""
-        return f"{each}{seconds * 1e3:+.0f} ({seconds / never.seconds:+.1%})"
+        return f"{each}{seconds * 1e3:+.0f} ({seconds / never_seconds:+.1%})"
 
     return (cell(parts["prefill"]), cell(parts["deep"], tah.deep_steps),
             f"{tah.forwards - never.forwards:+d} = {cell(parts['steps'])}", cell(parts["shallow"], tah.shallow_steps),
-            cell(parts["rest"]), cell(total))
+            cell(total))
+
+
+def own_seconds(stats) -> float:
+    """An engine's own time: its prefill and its steps (in lockstep, not the other engines' steps)."""
+    return stats.prefill_seconds + stats.shallow_seconds + stats.deep_seconds
 
 
 def kv_ratio(out, batch: int, context: int, new: int) -> float:

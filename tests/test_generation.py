@@ -29,7 +29,7 @@ def test_greedy_equals_the_reference_loop_fused_and_unfused(max_iter, decider):
     reference = generate_reference(model, ids, mask, max_new_tokens=24, eos_token_id=7)
     assert (reference.iter_counts > 1).any() and (reference.iter_counts == 1).any()
     stats = {}
-    for fused, candidates in ((True, 1), (True, 2), (False, None)):  # 2: greedy's default
+    for fused, candidates in ((True, 1), (True, 2), (True, 4), (False, None)):  # 2: greedy's default at batch 1
         out = generate(model, ids, mask, max_new_tokens=24, eos_token_id=7, fused=fused,
                        draft_candidates=candidates)
         assert torch.equal(out.sequences, reference.sequences), f"fused={fused}, candidates={candidates}"
@@ -39,6 +39,7 @@ def test_greedy_equals_the_reference_loop_fused_and_unfused(max_iter, decider):
     for candidates in (1, 2):
         assert stats[True, candidates].forwards < stats[False, None].forwards  # the point of fusing
     assert stats[True, 2].drafts_accepted >= stats[True, 1].drafts_accepted  # the runner-up's point
+    assert stats[True, 4].drafts_accepted >= stats[True, 2].drafts_accepted
 
 
 
@@ -83,7 +84,7 @@ def test_decode_steps_are_counted_by_kind(max_iter, fused):
     assert (plain.deep_steps, plain.deep_seconds, plain.shallow_steps) == (0, 0.0, 29)
 
 
-@pytest.mark.parametrize("candidates", [1, 2])
+@pytest.mark.parametrize("candidates", [1, 2, 3])
 def test_rejected_drafts_are_rolled_back(candidates):
     model = strong_model(2, rate=0.6)
     ids, mask = left_padded([6, 4], seed=5)
@@ -242,7 +243,7 @@ def test_a_wrong_acceptance_rule_is_caught(always_model, monkeypatch):
     (dict(max_new_tokens=4, stop_strings=[b"x"]), "stop_strings"),
     (dict(max_new_tokens=4, stop_strings="x"), "tokenizer"),
     (dict(max_new_tokens=200), "max_position_embeddings"),
-    (dict(max_new_tokens=4, draft_candidates=3), "draft_candidates"),
+    (dict(max_new_tokens=4, draft_candidates=5), "draft_candidates"),
     (dict(max_new_tokens=4, do_sample=True, draft_candidates=2), "greedy"),
 ])
 def test_bad_requests_raise_input_errors(kwargs, words):

@@ -123,7 +123,21 @@ class Decoder:
     # -- the loop ------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int) -> GenerationOutput:
-        started = time.perf_counter()
+        self.begin(input_ids, attention_mask, capacity)
+        while not self.finished:
+            self.step()
+        return self.end()
+
+    @property
+    def finished(self) -> bool:
+        return all(row.done for row in self.rows)
+
+    @torch.no_grad()
+    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int) -> None:
+        """Prefill and pick each row's first token. `run` is begin, `step` until finished, `end`;
+        the pieces let a benchmark interleave the steps of two decoders (bench_decode --lockstep)."""
+        self.started = started = time.perf_counter()
+        self.input_ids = input_ids
         batch = input_ids.shape[0]
         self.cache = TaHCache(capacity=capacity, deep_capacity=capacity // 8 + 16)
         out = self.model(input_ids, attention_mask=attention_mask, past_key_values=self.cache, use_cache=True,
@@ -143,15 +157,21 @@ class Decoder:
             if not row.done:
                 row.feeds = [token]
         self.stats.prefill_seconds = time.perf_counter() - started
-        while not all(row.done for row in self.rows):
-            step_started = time.perf_counter()
-            deep = self._step()
-            self.stats.record_step(deep, time.perf_counter() - step_started)
-        self.stats.seconds = time.perf_counter() - started
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One decode step (one forward), timed into the stats."""
+        step_started = time.perf_counter()
+        deep = self._step()
+        self.stats.record_step(deep, time.perf_counter() - step_started)
+
+    def end(self) -> GenerationOutput:
+        """The output once every row is done. stats.seconds: from begin to now."""
+        self.stats.seconds = time.perf_counter() - self.started
         self.stats.kv_entries, self.stats.kv_bytes = int(self.cache.entries().sum()), self.cache.nbytes()
         if self.streamer is not None:
             self.streamer.end()
-        return self._output(input_ids)
+        return self._output(self.input_ids)
 
     def _step(self) -> bool:
         """One forward and the row transitions it allows; returns whether a deeper pass ran."""
@@ -296,8 +316,8 @@ class Decoder:
         if self.candidates < 2:
             return picks
         picks = list(picks)
-        for i, second in zip(hard_at, l0[at].topk(2).indices[:, 1].tolist(), strict=True):
-            picks[i] = (picks[i][0], second)
+        for i, others in zip(hard_at, l0[at].topk(self.candidates).indices[:, 1:].tolist(), strict=True):
+            picks[i] = (picks[i][0], *others)
         return picks
 
     def _deep_results(self, deep: list[int], step: _Forward) -> torch.Tensor:

@@ -12,6 +12,8 @@ from tah.generation.reference import GenerationOutput
 from tah.generation.sampling import Sampler
 from tah.model.decider import OracleDecider
 
+MAX_DRAFT_CANDIDATES = 4  # greedy: the top few of a hard token's depth-0 logits, drafted side by side
+
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -37,9 +39,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     sampler = Sampler(do_sample, temperature, top_k, top_p, min_p, _generator(seed, input_ids.device))
     if draft_candidates is None:
         draft_candidates = 2 if sampler.greedy and input_ids.shape[0] == 1 else 1
-    if draft_candidates not in (1, 2) or draft_candidates == 2 and not sampler.greedy:
-        raise InputError(f"draft_candidates must be 1, or 2 with greedy decoding (sampling's acceptance rule "
-                         f"takes one draft); got {draft_candidates!r}")
+    if draft_candidates not in range(1, MAX_DRAFT_CANDIDATES + 1) or draft_candidates > 1 and not sampler.greedy:
+        raise InputError(f"draft_candidates must be 1, or up to {MAX_DRAFT_CANDIDATES} with greedy decoding "
+                         f"(sampling's acceptance rule takes one draft); got {draft_candidates!r}")
     if isinstance(model.decider, OracleDecider):
         raise InputError("decider 'oracle' needs the true next tokens, so it cannot generate; "
                          "load the model with decider='mlp', 'random', 'always' or 'never'")
