@@ -127,12 +127,13 @@ def started(model, ids: torch.Tensor, **kwargs) -> engine.Decoder:
     return box[0]
 
 
-def lockstep(model, rates: list, ids: torch.Tensor, repeats: int, **kwargs) -> dict:
+def lockstep(model, rates: list, ids: torch.Tensor, repeats: int, steps: int = 1, **kwargs) -> dict:
     """{rate: (seconds of each repeat, last output)} for TaH engines at `rates` (None: `never`),
-    their decode steps interleaved: one step of each engine in turn, so that whatever this noisy
+    their decode steps interleaved: `steps` steps of each engine in turn, so that whatever this noisy
     machine does in a stretch of time (slow spells of 10-30% come and go within a run) hits every
     engine alike. An engine's seconds are its prefill and its own steps. Ratios of whole runs, even
-    paired, swung 0.90-0.99 over repeats where these read 0.93-0.95. One warm-up repeat first."""
+    paired, swung 0.90-0.99 over repeats where these read 0.94-0.95 (batch 1, context 64). One
+    warm-up repeat first."""
     times = {rate: [] for rate in rates}
     outputs = {}
     for repeat in range(repeats + 1):
@@ -143,9 +144,10 @@ def lockstep(model, rates: list, ids: torch.Tensor, repeats: int, **kwargs) -> d
             deciders[rate] = model.decider
         while not all(decoder.finished for decoder in decoders.values()):
             for rate, decoder in decoders.items():
-                if not decoder.finished:
-                    model.decider = deciders[rate]
-                    decoder.step()
+                model.decider = deciders[rate]
+                for _ in range(steps):
+                    if not decoder.finished:
+                        decoder.step()
         for rate, decoder in decoders.items():
             outputs[rate] = decoder.end()
             stats = outputs[rate].stats
@@ -184,6 +186,8 @@ def main() -> None:
     parser.add_argument("--few-rows-max", type=int, default=few_rows.MAX_ROWS,
                         help="products over at most this many rows take the layout this machine runs fastest "
                              "(tah.model.few_rows.MAX_ROWS; 0 = always F.linear, as HF does)")
+    parser.add_argument("--lockstep-steps", type=int, default=1,
+                        help="TaH engines take turns of this many decode steps (see `lockstep`)")
     parser.add_argument("--quick", action="store_true", help="64 new tokens, 1 repeat, batch 1, context 64")
     parser.add_argument("--breakdown", action="store_true", help="also print where TaH's extra time goes")
     args = parser.parse_args()
@@ -199,7 +203,8 @@ def main() -> None:
     drafts = "tah.generate's default" if args.draft_candidates is None else args.draft_candidates
     table = Table(title=f"decode: {args.new_tokens} new tokens, greedy, float32, 2 threads, draft candidates: {drafts}; "
                         f"ratios: median (range) over {args.repeats} repeats of the ratio within each; TaH engines "
-                        "in lockstep (steps interleaved; tokens/s: prefill and own steps), HF and `never` by whole runs")
+                        f"in lockstep (turns of {args.lockstep_steps} steps; tokens/s: prefill and own steps), "
+                        "HF and `never` by whole runs")
     for col in ("batch", "context", "engine", "tokens/s", "vs never", "never vs HF", "iterated", "KV vs base",
                 "draft accept (candidates)"):
         table.add_column(col, justify="right")
@@ -216,7 +221,7 @@ def main() -> None:
                     ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
                     min_new_tokens=new, pad_token_id=0),
                 None: lambda ids=ids, options=options: generate(use_decider(model, None), ids, **options)}, args.repeats)
-            locked = lockstep(model, rates, ids, args.repeats, **options)
+            locked = lockstep(model, rates, ids, args.repeats, args.lockstep_steps, **options)
             never_times = locked[None][0]
             for rate in rates:
                 label = "never" if rate is None else f"random {rate:.0%}"

@@ -50,18 +50,21 @@ def test_depth0_of_a_wrapped_model_is_the_base_model():
 
 SCATTERED = [[0, 1, 2, 0, 2, 1, 0], [2, 2, 2, 2, 2, 2, 2], [0, 0, 1, 0, 0, 0, 0]]  # masks
 COLUMNS = [[1, 2, 0], [1, 2, 0], [1, 2, 0]]  # a fused decode step: one column per depth
+ONE_COLUMN = [[0, 2, 0], [0, 2, 0]]  # the deeper queries in one column (a fused step's shortest path)
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
-@pytest.mark.parametrize("tags", [SCATTERED, COLUMNS], ids=["scattered", "columns"])
+@pytest.mark.parametrize("tags", [SCATTERED, COLUMNS, ONE_COLUMN], ids=["scattered", "columns", "one_column"])
 @pytest.mark.parametrize("num_adapters", [1, 2], ids=["shared", "per_depth"])
 def test_per_token_depth_equals_each_depth_run_separately(num_adapters, tags, grad):
     module, state = random_lora_linear(num_adapters)
+    module.train(grad)  # decoding: eval mode and no autograd
     depth = torch.tensor(tags)
     x = torch.randn(*depth.shape, 12)
-    state.set(depth)
     with torch.set_grad_enabled(grad):
+        state.set(depth)
         mixed = module(x)
+    assert state.one_column == ((1, 2) if tags is ONE_COLUMN and not grad else None)
 
     separate = {}
     for d in range(3):

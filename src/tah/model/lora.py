@@ -32,6 +32,9 @@ class DepthState:
         # the linears then run on those rows only (see DepthLoRALinear.forward)
         self.rows: torch.Tensor | None = None
         self.plain = True  # depth 0 for every query, no packing: the base model's own products
+        # (column, depth) when one column of every row holds all the deeper queries, at one depth,
+        # outside autograd and autocast (a fused decode step at batch 1): the linears' shortest path
+        self.one_column: tuple[int, int] | None = None
 
     def set(self, depth: int | torch.Tensor, dtype: torch.dtype | None = None,
             real: torch.Tensor | None = None) -> None:
@@ -44,6 +47,7 @@ class DepthState:
         self.selections = {}
         self.rows = None
         self.plain = False
+        self.one_column = None
         if real is not None and real.device.type == "cpu" and 1 < real.numel() <= _FEW_TAGS \
                 and not torch.is_grad_enabled():
             flags = real.flatten().tolist()
@@ -66,6 +70,10 @@ class DepthState:
             one_column = len(columns) == 1 and -1 not in columns
             self.selections[d] = columns.pop() if one_column else _mask(
                 torch.tensor(at, device=depth.device).reshape(-1, 1), dtype)
+        if len(self.selections) == 1 and not torch.is_grad_enabled() \
+                and not torch.is_autocast_enabled(depth.device.type):
+            (d, where), = self.selections.items()
+            self.one_column = (where, d) if isinstance(where, int) else None
 
     def _set_packed(self, depth: int | torch.Tensor, rows: list[int], device: torch.device,
                     dtype: torch.dtype | None) -> None:
@@ -179,6 +187,16 @@ class DepthLoRALinear(nn.Module):
         state = self._state
         if state.plain:  # depth 0 without packing: every plain decode step, in the fewest Python steps
             return self._base_product(x)
+        one_column = state.one_column
+        if one_column is not None and not self.training:
+            # A fused decode step, in the fewest Python steps too: each one costs microseconds there (the
+            # weights just read flush the CPU caches), and a step makes 56 such calls (bench_decode's model).
+            column, depth = one_column
+            a_t, b_t = self.factors(depth)
+            if a_t.dtype == x.dtype:
+                out = self._base_product(x)
+                out.select(-2, column).addmm_(torch.mm(x.select(-2, column), a_t), b_t, alpha=self.scaling)
+                return out
         rows = state.rows
         if rows is None:
             return self._forward(x)
