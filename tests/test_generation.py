@@ -119,11 +119,11 @@ def test_the_runner_up_draft_is_kept_exactly(max_iter):
 
 
 def test_greedy_drafts_the_runner_up_by_default_for_one_prompt_only():
-    """The default draft count: 2 for greedy decoding of one prompt (a third query is cheap there),
-    1 for a batch (on CPU it made steps slower than the rollbacks it saved) and for sampling."""
+    """The default draft count: 3 for greedy decoding of one prompt (extra queries are cheap there),
+    1 for a batch (on CPU they made steps slower than the rollbacks they saved) and for sampling."""
     model = strong_model(2, rate=0.5)
     ids, mask = left_padded([5, 7], seed=1)
-    assert generate(model, ids[:1], max_new_tokens=6).stats.draft_candidates == 2
+    assert generate(model, ids[:1], max_new_tokens=6).stats.draft_candidates == 3
     assert generate(model, ids, mask, max_new_tokens=6).stats.draft_candidates == 1
     assert generate(model, ids[:1], max_new_tokens=6, do_sample=True, seed=0).stats.draft_candidates == 1
     assert generate(model, ids, mask, max_new_tokens=6, draft_candidates=2).stats.draft_candidates == 2

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-fused", action="store_true", help="run each latent iteration in its own forward")
     gen.add_argument("--draft-candidates", type=int, default=None, metavar="N",  # tah.generate checks it
                      help="drafts beside a hard token: 2 or more add the depth-0 runner-ups (greedy only; same "
-                          "tokens). Default: 2 when greedy, 1 when sampling")
+                          "tokens). Default: 3 when greedy with one prompt, 1 when sampling")
     gen.add_argument("--show-depth", action="store_true", help="colour each token by its number of passes")
     gen.set_defaults(run=_generate)
 

@@ -14,9 +14,9 @@ one does). The draft never sees the depth-1 entry (duo-causal rule: a depth-0 qu
 so its computation is exactly what the unfused loop would do with that token. Once the hard token's
 final logits exist, the draft is kept if it is what the unfused loop would have produced (greedy:
 the argmax; sampling: speculative acceptance, exact in distribution), otherwise its KV entry is
-dropped and the right token runs next. Greedy decoding may draft two candidates, the top two of the
-depth-0 logits, side by side (rivals: neither sees the other's KV entry), since a deeper pass that
-changes the token most often picks the runner-up. Works for any max_iter: deeper passes of the hard
+dropped and the right token runs next. Greedy decoding may draft several candidates, the top few of
+the depth-0 logits, side by side (rivals: none sees another's KV entry), since a deeper pass that
+changes the token most often picks a runner-up. Works for any max_iter: deeper passes of the hard
 token run in the following forwards while the drafts wait.
 
 Unfused (`fused=False`): a hard row runs only its deep queries until the token is final; other rows
@@ -43,7 +43,7 @@ class DecodeStats:
     draft_candidates: int = 1  # drafted per hard token (fused)
     drafts: int = 0  # hard tokens whose next token was drafted
     drafts_accepted: int = 0  # ... and kept (a candidate was right)
-    runner_ups_accepted: int = 0  # ... kept thanks to the second candidate (draft_candidates=2)
+    runner_ups_accepted: int = 0  # ... kept thanks to a runner-up candidate (draft_candidates > 1)
     seconds: float = 0.0
     prefill_seconds: float = 0.0
     # the decode steps after prefill, split by whether a deeper pass ran in them: where a TaH run's
@@ -89,7 +89,7 @@ class _Draft:
     token: int
     slot: int = -1  # its KV slot, once it ran
     hard: bool = False  # its own depth-0 verdict, used if it is kept
-    next: tuple[int, ...] = ()  # the token picked from its depth-0 logits (then the runner-up, if drafting two)
+    next: tuple[int, ...] = ()  # the token picked from its depth-0 logits (then the runner-ups, if drafting several)
 
 
 @dataclass
@@ -108,7 +108,7 @@ class _Row:
 
 class Decoder:
     """One `generate` call: owns the cache, the per-row state and the step loop. candidates: draft
-    candidates per hard token when fused (2: greedy only)."""
+    candidates per hard token when fused (more than 1: greedy only)."""
 
     def __init__(self, model, sampler: Sampler, *, max_new_tokens: int, eos_ids: set[int], fused: bool,
                  candidates: int = 1, stop=None, streamer=None) -> None:
@@ -268,7 +268,7 @@ class Decoder:
 
     def _shallow_results(self, shallow: list[int], step: _Forward) -> list[list[tuple[bool, tuple[int, ...]]]]:
         """Per shallow row, per depth-0 token it ran: (hard?, picks), synced to Python; picks: the
-        next token from its logits, then for a hard token the runner-up when drafting two. Only
+        next token from its logits, then for a hard token the runner-ups when drafting several. Only
         hard tokens' depth-0 logits (and sampling distributions) are kept: their deeper passes and
         drafts start from them."""
         logits, col = step.logits, step.col_shallow
@@ -305,8 +305,8 @@ class Decoder:
     def _keep_hard(self, l0: torch.Tensor, q: torch.Tensor | None, hard_at: list[int], rows: list[int],
                    feeds: list[int], picks: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         """Keep the depth-0 logits (and distributions) of the hard tokens at `hard_at` (indices of
-        l0's rows, which belong to `rows` and `feeds`); when drafting two candidates, add each one's
-        runner-up to its picks."""
+        l0's rows, which belong to `rows` and `feeds`); when drafting several candidates, add each
+        one's runner-ups to its picks."""
         at = torch.tensor(hard_at, device=l0.device)
         where = (torch.tensor([rows[i] for i in hard_at], device=l0.device),
                  torch.tensor([feeds[i] for i in hard_at], device=l0.device))
@@ -361,7 +361,7 @@ class Decoder:
     # -- row transitions -----------------------------------------------------------------------
     def _after_shallow(self, row: _Row, b: int, hard: bool, picks: tuple[int, ...], feed: int) -> None:
         """The row's `feed`-th token at row.next_pos finished its depth-0 pass; picks: the next
-        token from its logits (then the runner-up, when drafting two candidates)."""
+        token from its logits (then the runner-ups, when drafting several candidates)."""
         pos = row.next_pos
         if hard:
             row.deep_depth, row.deep_pos = 1, pos
