@@ -135,7 +135,7 @@ class Decoder:
     @torch.no_grad()
     def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int) -> None:
         """Prefill and pick each row's first token. `run` is begin, `step` until finished, `end`;
-        the pieces let a benchmark interleave the steps of two decoders (bench_decode --lockstep)."""
+        the pieces let a benchmark interleave the steps of several decoders (bench_decode's `lockstep`)."""
         self.started = started = time.perf_counter()
         self.input_ids = input_ids
         batch = input_ids.shape[0]
@@ -316,7 +316,8 @@ class Decoder:
         if self.candidates < 2:
             return picks
         picks = list(picks)
-        for i, others in zip(hard_at, l0[at].topk(self.candidates).indices[:, 1:].tolist(), strict=True):
+        top = l0[at].topk(min(self.candidates, l0.shape[-1])).indices  # (a tie may repeat the pick: see _after_shallow)
+        for i, others in zip(hard_at, top[:, 1:].tolist(), strict=True):
             picks[i] = (picks[i][0], *others)
         return picks
 
