@@ -192,11 +192,9 @@ class DepthLoRALinear(nn.Module):
             # A fused decode step, in the fewest Python steps too: each one costs microseconds there (the
             # weights just read flush the CPU caches), and a step makes 56 such calls (bench_decode's model).
             column, depth = one_column
-            a_t, b_t = self.factors(depth)
-            if a_t.dtype == x.dtype:
-                out = self._base_product(x)
-                out.select(-2, column).addmm_(torch.mm(x.select(-2, column), a_t), b_t, alpha=self.scaling)
-                return out
+            out = self._base_product(x)
+            self.add_adapter_(out.select(-2, column), x.select(-2, column), depth)
+            return out
         rows = state.rows
         if rows is None:
             return self._forward(x)
