@@ -276,13 +276,13 @@ class Decoder:
         one_each = len(shallow) == len(self.rows) and all(n == 1 for n in counts)
         rows = [b for b, n in zip(shallow, counts, strict=True) for _ in range(n)]
         feeds = [j for n in counts for j in range(n)]
-        idx = cols = None
+        columns = [col + j for j in feeds]
         if one_each:
             l0 = logits[:, col]
+        elif len(shallow) == 1:  # one row's run of columns (batch 1's drafts): a view, not a gathered copy
+            l0 = logits[shallow[0], col:col + counts[0]]
         else:
-            idx = torch.tensor(rows, device=logits.device)
-            cols = torch.tensor([col + j for j in feeds], device=logits.device)
-            l0 = logits[idx, cols]
+            l0 = logits[torch.tensor(rows, device=logits.device), torch.tensor(columns, device=logits.device)]
         nxt, q = self.sampler.pick(l0)
         if not self.decides:
             hard_list, next_list = [0] * len(rows), nxt.tolist()
@@ -290,7 +290,9 @@ class Decoder:
             hard_list = self.model.decider.decide_positions([self.rows[b].next_pos for b in rows], 0)
             next_list = nxt.tolist()
         else:
-            hard = self._decide(l0, step, idx, col if one_each else cols, [0] * len(rows))
+            where = (None, col) if one_each else \
+                (torch.tensor(rows, device=logits.device), torch.tensor(columns, device=logits.device))
+            hard = self._decide(l0, step, *where, [0] * len(rows))
             hard_list, next_list = torch.stack([hard.long(), nxt]).tolist()
         picks = [(token,) for token in next_list]
         hard_at = [i for i, h in enumerate(hard_list) if h]

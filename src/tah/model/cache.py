@@ -348,12 +348,31 @@ class TaHCache:
         """Drop entries (rolled-back drafts): nobody sees them again, and the row's later entries
         move down over them, so a row keeps exactly one slot per (token, depth it reached)."""
         self._plain = False
+        if self._drop_tail(rows.tolist(), slots.tolist()):
+            return
         shallow = ((self.depth[rows, slots] == 0) & self.valid[rows, slots]).long()
         self.seen = self.seen.index_put((rows,), -shallow, accumulate=True)
         self.valid[rows, slots] = False
         self.shallow_bias[rows, slots] = self._bias(False)
         for b, first in zip(*_first_per_row(rows, slots), strict=True):
             self._close_gaps(b, first)
+
+    def _drop_tail(self, rows: list[int], slots: list[int]) -> bool:
+        """The commonest rollback, done with a handful of ops: one row's last depth-0 entries in a
+        split cache (a fused step's rejected candidates after the kept one, or all of them). Region 0
+        holds only valid depth-0 entries below its fill, so lowering the fill drops them: no tags to
+        read, nothing to move. Returns False (nothing done) for any other case."""
+        if self.deep_capacity is None or any(b != rows[0] for b in rows):
+            return False
+        b, first, end = rows[0], min(slots), int(self.fill[rows[0]])
+        if sorted(slots) != list(range(first, end)):
+            return False
+        self.valid[b, first:end] = False
+        self.shallow_bias[b, first:end] = self._bias(False)
+        self.fill[b] = first  # in place, as _close_gaps does; seen anew, as invalidate does
+        self.seen = self.seen.clone()
+        self.seen[b] -= end - first
+        return True
 
     def _close_gaps(self, b: int, start: int) -> None:
         """Move row b's valid entries from slot `start` on to the front of that range, in order.
