@@ -68,15 +68,24 @@ def test_mostly_padded_steps_skip_padding_and_decode_the_same(fused, monkeypatch
 
 @pytest.mark.parametrize("max_iter", [2, 3])
 @pytest.mark.parametrize("fused", [True, False])
-def test_decode_steps_are_counted_by_kind(max_iter, fused):
+@pytest.mark.parametrize("length", [6, 7], ids=["last prompt token hard", "last prompt token easy"])
+def test_decode_steps_are_counted_by_kind(max_iter, fused, length):
     """DecodeStats splits the steps after prefill into depth-0-only ones and ones that ran a deeper
     pass (bench_decode.py --breakdown prices TaH's extra time from them). In one row, every deeper
-    pass of a generated token takes a step of its own; the first token's passes ran in prefill."""
+    pass of a generated token takes a step of its own. With max_iter 3 the prompt's deeper passes run in
+    prefill; with max_iter 2 they are deferred: the last prompt token's, if hard, takes a step as a
+    generated token's would, and the other prompt tokens' run in the first step, a deep one."""
     model = strong_model(max_iter, rate=0.5)
-    ids = torch.randint(3, 60, (1, 7), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(3, 60, (1, length), generator=torch.Generator().manual_seed(2))
     out = generate(model, ids, max_new_tokens=30, fused=fused)
     stats = out.stats
-    assert stats.deep_steps == int((out.iter_counts[0, 1:] - 1).sum()) > 0
+    fed_passes = out.iter_counts[0] if max_iter == 2 else out.iter_counts[0, 1:]
+    expected = int((fed_passes - 1).sum())
+    prompt_hard = generate_reference(model, ids, max_new_tokens=1).prompt_iter_counts[0] > 1
+    assert prompt_hard[:-1].any() and bool(prompt_hard[-1]) == (length == 6)  # what each case is for
+    if max_iter == 2 and prompt_hard[:-1].any() and not prompt_hard[-1]:
+        expected += 1  # the first step runs the prompt's deferred depth-1 pass beside the first token
+    assert stats.deep_steps == expected > 0
     assert stats.forwards == stats.shallow_steps + stats.deep_steps
     assert 0 < stats.shallow_seconds + stats.deep_seconds <= stats.seconds - stats.prefill_seconds
     model.decider = ConstantDecider(False)
@@ -172,6 +181,30 @@ def test_logits_to_keep_matches_the_full_forward():
         assert torch.equal(full.iter_count, part.iter_count)
 
 
+def test_a_deferred_depth1_pass_completes_the_prefill_it_left():
+    """defer_deep=True stops a max_iter-2 prefill before its depth-1 pass and returns that pass
+    (what the decoder runs in its first step). Run afterwards on the same cache, it leaves the
+    entries of the full prefill, and adds to the last tokens' depth-0 logits what the full
+    prefill's depth 1 does. Deferring is refused where depth 1 is not the last pass."""
+    model = strong_model(2, rate=0.5)
+    ids, mask = left_padded([6, 9, 7], seed=1)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        part = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1, defer_deep=True)
+        inputs, positions, real = part.deferred
+        assert int(real.sum()) == int((full.iter_count[mask.bool()] == 2).sum()) > 0
+        assert torch.all(part.iter_count == 1) and not torch.equal(part.cache.entries(), full.cache.entries())
+        logits, _ = model.run_pass(inputs, positions, real, 1, part.cache, need_hidden=False)
+    assert torch.equal(part.cache.entries(), full.cache.entries())
+    last = mask.sum(1) - 1
+    for b in range(ids.shape[0]):
+        hit = (positions[b] == last[b]) & real[b]
+        expected = part.logits[b, -1] + (logits[b][hit][0] if hit.any() else 0)
+        torch.testing.assert_close(expected, full.logits[b, -1], atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="defer_deep"):
+        strong_model(3)(ids, attention_mask=mask, logits_to_keep=1, defer_deep=True)
+
+
 # -- sampling: the fused path must draw from exactly the unfused distribution ---------------------
 VOCAB, DRAWS = 8, 6000
 
@@ -197,10 +230,11 @@ def expected_pairs(model, prompt: torch.Tensor, sampler: Sampler) -> torch.Tenso
 
 
 def draw_pairs(model, prompt, fused: bool, **sampling) -> torch.Tensor:
-    # Three tokens, so that the second one is drafted and accepted or resampled (a draft is never
-    # made for the last token).
+    # Three tokens, so that the first two are drafted and accepted or resampled (a draft is never
+    # made for the last token): the first beside the last prompt token's depth-1 pass, the second
+    # beside the first token's.
     out = generate(model, prompt.expand(DRAWS, -1), max_new_tokens=3, do_sample=True, seed=11, fused=fused, **sampling)
-    assert not fused or out.stats.drafts == DRAWS
+    assert not fused or out.stats.drafts == 2 * DRAWS
     pairs = out.sequences[:, -3] * VOCAB + out.sequences[:, -2]
     return torch.bincount(pairs, minlength=VOCAB * VOCAB).double()
 

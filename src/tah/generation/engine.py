@@ -21,6 +21,9 @@ token run in the following forwards while the drafts wait.
 
 Unfused (`fused=False`): a hard row runs only its deep queries until the token is final; other rows
 of the batch keep decoding in the same forwards.
+
+With max_iter 2 the prefill runs depth 0 only: the prompt's depth-1 queries ride in the first step's
+forward (see `_defer`), and a hard last prompt token is handled as a hard token of decoding.
 """
 
 from __future__ import annotations
@@ -73,13 +76,15 @@ class DecodeStats:
 class _Forward:
     """What one step's forward returns: logits (B, W, V), HF's hidden_states (or None), the (B, W)
     positions it ran, the column of its deep queries and the first of its shallow ones (a row's
-    j-th depth-0 token sits in column col_shallow + j)."""
+    j-th depth-0 token sits in column col_shallow + j); between them, the first step's deferred
+    prompt queries, whose results nobody reads (prompt: did it run any)."""
 
     logits: torch.Tensor
     hidden: tuple | None
     positions: torch.Tensor
     col_deep: int
     col_shallow: int
+    prompt: bool = False
 
 
 @dataclass
@@ -140,8 +145,10 @@ class Decoder:
         self.input_ids = input_ids
         batch = input_ids.shape[0]
         self.cache = TaHCache(capacity=capacity, deep_capacity=capacity // 8 + 16)
+        # max_iter 2: the prompt's depth-1 pass rides in the first step's forward (see _defer)
+        defer = self.decides and self.max_iter == 2
         out = self.model(input_ids, attention_mask=attention_mask, past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=1)
+                         logits_to_keep=1, defer_deep=defer)
         vocab = out.logits.shape[-1]
         device, dtype = out.logits.device, out.logits.dtype
         self.deep_acc = torch.zeros(batch, vocab, device=device, dtype=dtype)  # pending hard tokens
@@ -150,13 +157,49 @@ class Decoder:
         self.res_l0 = torch.zeros(batch, self.candidates, vocab, device=device, dtype=dtype)
         self.res_q = torch.zeros(batch, 1, vocab, device=device) if not self.sampler.greedy else None
         lengths = attention_mask.sum(1).tolist()
-        self.rows = [_Row(next_pos=int(n)) for n in lengths]
-        first, _ = self.sampler.pick(out.logits[:, -1])
-        for row, token, passes in zip(self.rows, first.tolist(), out.iter_count[:, -1].tolist(), strict=True):
-            self._emit(row, token, passes)
+        self.rows = [_Row(next_pos=int(n) - 1) for n in lengths]  # the last prompt token's position, for now
+        self.deferred = None  # (row, column, position) of each deferred prompt query, and their (N, H) inputs
+        hard_last = self._defer(out.deferred) if out.deferred is not None else [False] * batch
+        l0 = out.logits[:, -1]
+        first, q = self.sampler.pick(l0)
+        picks = [(token,) for token in first.tolist()]
+        hard_at = [b for b, hard in enumerate(hard_last) if hard]
+        if hard_at:
+            picks = self._keep_hard(l0, q, hard_at, list(range(batch)), [0] * batch, picks)
+        self.copies, self.rollbacks = [], []
+        for b, (row, passes) in enumerate(zip(self.rows, out.iter_count[:, -1].tolist(), strict=True)):
+            if hard_last[b]:  # its depth-1 pass runs in the first step, as a hard token's in decoding
+                self._after_shallow(row, b, True, picks[b], 0)
+                continue
+            self._emit(row, picks[b][0], passes)
+            row.next_pos += 1
             if not row.done:
-                row.feeds = [token]
+                row.feeds = [picks[b][0]]
+        self._apply_copies()
         self.stats.prefill_seconds = time.perf_counter() - started
+
+    def _defer(self, deferred: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> list[bool]:
+        """Keep the prompt's depth-1 pass, which prefill did not run, for the first step's forward:
+        nothing reads a depth-1 entry before it (depth-0 queries never do), and it then costs a few
+        more rows of a pass over the weights instead of a pass of its own. A row whose last prompt
+        token is hard takes that token's pass as a pending hard token instead (drafting the first
+        token beside it when fused). Returns, per row, whether its last prompt token is hard."""
+        inputs, positions, real = deferred
+        last = [row.next_pos for row in self.rows]
+        pos_lists, real_lists = positions.tolist(), real.tolist()
+        hard_last = [any(r and p == last[b] for p, r in zip(pos_lists[b], real_lists[b], strict=True))
+                     for b in range(len(self.rows))]
+        # per row, the columns to run in the first step: real ones, the last token's excepted
+        columns = [[j for j, (p, r) in enumerate(zip(pos_lists[b], real_lists[b], strict=True)) if r and p != last[b]]
+                   for b in range(len(self.rows))]
+        self.deferred = None
+        if any(columns):
+            rows = [b for b, cols in enumerate(columns) for _ in cols]
+            device = inputs.device
+            self.deferred = ([(b, k, pos_lists[b][j]) for b, cols in enumerate(columns) for k, j in enumerate(cols)],
+                             inputs[torch.tensor(rows, device=device),
+                                    torch.tensor([j for cols in columns for j in cols], device=device)])
+        return hard_last
 
     @torch.no_grad()
     def step(self) -> None:
@@ -202,7 +245,7 @@ class Decoder:
                 hard, picks = row_results[0]
                 self._after_shallow(self.rows[b], b, hard, picks, 0)
         self._apply_copies()
-        return bool(deep)
+        return bool(deep) or step.prompt
 
     # -- device work ---------------------------------------------------------------------------
     def _forward(self, deep: list[int], shallow: list[int]) -> _Forward:
@@ -211,20 +254,26 @@ class Decoder:
         device = self.deep_acc.device
         need_hidden = self.decides and bool(self.model.decider.needs_hidden)
         feeds = [(b, j, token) for b in shallow for j, token in enumerate(self.rows[b].feeds)]
-        if not deep and len(feeds) == batch and len(shallow) == batch:  # the plain step: one token per row
+        prompt = self._prompt_queries()
+        if not deep and not prompt[0] and len(feeds) == batch and len(shallow) == batch:  # the plain step
             feed = torch.tensor([token for _, _, token in feeds], device=device)
             positions = torch.tensor([[row.next_pos] for row in self.rows], device=device)
             real = torch.ones(batch, 1, dtype=torch.bool, device=device)
             logits, hidden = self.model.run_pass(self.embed(feed)[:, None], positions, real, 0, self.cache, need_hidden)
             return _Forward(logits, hidden, positions, 0, 0)
+        # Columns: the deep queries, the depth-0 tokens, then the prompt's deferred queries, whose
+        # logits nobody reads: the LM head skips them (at context 2048, ~200 of them).
         col_deep, col_shallow = 0, int(bool(deep))
-        width = col_shallow + max((j + 1 for _, j, _ in feeds), default=0)
+        col_prompt = col_shallow + max((j + 1 for _, j, _ in feeds), default=0)
+        width = col_prompt + max((k + 1 for _, k, _ in prompt[0]), default=0)
         # Small per-query tags are built in Python and sent once: a handful of tensor ops per step
         # instead of two dozen (each costs microseconds, which add up at batch 1).
         pos_tags, depth_tags, real_tags = ([[0] * width for _ in range(batch)] for _ in range(3))
         for b in deep:
             row = self.rows[b]
             pos_tags[b][col_deep], depth_tags[b][col_deep], real_tags[b][col_deep] = row.deep_pos, row.deep_depth, 1
+        for b, k, position in prompt[0]:
+            pos_tags[b][col_prompt + k], depth_tags[b][col_prompt + k], real_tags[b][col_prompt + k] = position, 1, 1
         for b, j, _ in feeds:
             pos_tags[b][col_shallow + j], real_tags[b][col_shallow + j] = self.rows[b].next_pos, 1
         parts = []  # (rows, columns, (N, H) inputs)
@@ -235,20 +284,37 @@ class Decoder:
         if feeds:
             tokens = torch.tensor([token for _, _, token in feeds], device=device)
             parts.append(([b for b, _, _ in feeds], [col_shallow + j for _, j, _ in feeds], self.embed(tokens)))
+        if prompt[0]:
+            parts.append(([b for b, _, _ in prompt[0]], [col_prompt + k for _, k, _ in prompt[0]], prompt[1]))
         if sum(len(rows) for rows, _, _ in parts) == batch * width:  # every slot of the step is a query
             inputs = torch.cat([x.view(batch, -1, x.shape[-1]) for _, _, x in parts], dim=1)
         else:
             inputs = parts[0][2].new_zeros(batch, width, parts[0][2].shape[-1])
             for rows, cols, x in parts:
                 inputs[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = x
-        depths = {self.rows[b].deep_depth for b in deep} | ({0} if feeds else set())
+        depths = {self.rows[b].deep_depth for b in deep} | ({0} if feeds else set()) | ({1} if prompt[0] else set())
         # Draft candidates are rivals, which the cache looks for in mixed-depth passes only: they
         # always run beside their hard token's deeper pass.
         depth = depths.pop() if len(depths) == 1 else torch.tensor(depth_tags, device=device)
         positions = torch.tensor(pos_tags, device=device)
-        logits, hidden = self.model.run_pass(inputs, positions, torch.tensor(real_tags, dtype=torch.bool, device=device),
-                                             depth, self.cache, need_hidden)
-        return _Forward(logits, hidden, positions, col_deep, col_shallow)
+        real = torch.tensor(real_tags, dtype=torch.bool, device=device)
+        if not prompt[0]:
+            logits, hidden = self.model.run_pass(inputs, positions, real, depth, self.cache, need_hidden)
+            return _Forward(logits, hidden, positions, col_deep, col_shallow)
+        need = (torch.arange(width, device=device) < col_prompt).expand(batch, -1)
+        logits, hidden = self.model.run_pass(inputs, positions, real, depth, self.cache, need_hidden, need=need)
+        return _Forward(logits.view(batch, col_prompt, -1), hidden, positions, col_deep, col_shallow, True)
+
+    def _prompt_queries(self) -> tuple[list[tuple[int, int, int]], torch.Tensor | None]:
+        """The deferred prompt queries of rows still decoding, (row, column, position) and their
+        (N, H) inputs, once (the first step); then none."""
+        if self.deferred is None:
+            return [], None
+        (queries, inputs), self.deferred = self.deferred, None
+        live = [i for i, (b, _, _) in enumerate(queries) if not self.rows[b].done]
+        if len(live) < len(queries):  # a row done at its first token needs no deeper entries
+            queries, inputs = [queries[i] for i in live], inputs[torch.tensor(live, device=inputs.device)]
+        return queries, inputs
 
     def _decide(self, acc: torch.Tensor, step: _Forward, idx: torch.Tensor | None, col: int | torch.Tensor,
                 depths: list[int]) -> torch.Tensor:

@@ -48,6 +48,8 @@ class TaHOutput(ModelOutput):
     cache: TaHCache | None = None
     decider_logits: torch.Tensor | None = None  # stage 2: (N,) decider scores of the labelled tokens
     decider_targets: torch.Tensor | None = None  # stage 2: (N,) 1.0 where the oracle says continue
+    # defer_deep: the depth-1 pass not run, as (inputs (B, A, H), positions (B, A), real (B, A) bool)
+    deferred: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def past_key_values(self) -> TaHCache | None:
@@ -178,7 +180,7 @@ class TaHForCausalLM(nn.Module):
                 labels: torch.Tensor | None = None, iter_labels: torch.Tensor | None = None,
                 past_key_values: TaHCache | None = None, use_cache: bool = False, logits_to_keep: int = 0,
                 num_items_in_batch: int | torch.Tensor | None = None, cache: TaHCache | None = None,
-                **_: object) -> TaHOutput:
+                defer_deep: bool = False, **_: object) -> TaHOutput:
         """input_ids (B, T); attention_mask (B, past + T) or (B, T), 1 = real token, any padding side;
         labels (B, T), shifted inside as in HF; iter_labels (B, T) oracle pass counts (-100 = none):
         when given they, not the decider, choose who iterates. logits_to_keep = n > 0 returns the
@@ -186,7 +188,16 @@ class TaHForCausalLM(nn.Module):
         nobody reads (when the decider does not read logits): what prefill for generation wants.
         num_items_in_batch (HF Trainer): the stage-1 loss is the CE sum divided by it, so that
         gradient accumulation and several processes weigh every token alike. The cache may come as
-        `cache` (transformers' name from 5.24 on) or `past_key_values`."""
+        `cache` (transformers' name from 5.24 on) or `past_key_values`.
+
+        defer_deep (max_iter 2, inference): run depth 0 and decide, but return the depth-1 pass as
+        `deferred` (its packed inputs, positions and real mask) instead of running it, for a decoder
+        that runs it in the same forward as its first step (saving a pass over the weights). The
+        logits are then depth 0's and iter_count counts depth 0 only; the cache lacks the deferred
+        entries until the caller runs them."""
+        if defer_deep and (self.tah_config.max_iter != 2 or labels is not None or iter_labels is not None):
+            raise InputError("defer_deep is for inference with max_iter 2 (the depth-1 pass is the last one); "
+                             "pass defer_deep=False")
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise InputError("pass the cache once, as `cache` or as `past_key_values`, not two different ones")
         batch, length = input_ids.shape
@@ -212,11 +223,14 @@ class TaHForCausalLM(nn.Module):
         # rows_grad.py); carry: accumulated logits of the packed tokens.
         acc, carry, inputs, rows_grad = None, None, embeds, None
         shared = self._shared_head(keep == length and not stage2)
-        bce_terms = []
+        bce_terms, deferred = [], None
         for depth in range(max_iter):
             real = packing.pack(packing.gather(valid), fill=False)
             pos = packing.pack(packing.gather(positions))
             labels_packed = None if iter_labels is None else packing.pack(packing.gather(iter_labels), fill=-100)
+            if depth > 0 and defer_deep:
+                deferred = (inputs, pos, real)
+                break
             last = depth == max_iter - 1
             go_on = None
             if early and not last:
@@ -286,7 +300,7 @@ class TaHForCausalLM(nn.Module):
                                        reduction="sum") / num_items_in_batch
         return TaHOutput(loss=loss, logits=acc.view(batch, keep, acc.shape[-1]), iter_count=iter_count,
                          cache=cache if use_cache else None, decider_logits=scores,
-                         decider_targets=targets)
+                         decider_targets=targets, deferred=deferred)
 
     def _shared_head(self, every_token: bool) -> SharedHead | None:
         """A SharedHead for this forward when its two passes' LM heads may share their products: a
