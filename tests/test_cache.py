@@ -7,6 +7,7 @@ import torch
 
 from conftest import left_padded, tiny_tah
 from tah.errors import InputError
+from tah.model import cache as cache_module
 from tah.model.cache import TaHCache
 
 ATOL = 1e-4
@@ -278,11 +279,15 @@ def test_lone_depth0_mask_follows_the_tags_through_fused_steps_and_rollbacks(pro
 
 
 # -- rival drafts: two candidates for one token, side by side ------------------------------------
-def test_rival_draft_candidates_compute_what_each_would_alone():
+@pytest.mark.parametrize("few_queries", [cache_module.FEW_QUERIES, 0], ids=["in Python", "tensor ops"])
+def test_rival_draft_candidates_compute_what_each_would_alone(few_queries, monkeypatch):
     """A fused greedy step runs a hard token's depth-1 pass beside two draft candidates for the next
     position. The candidates share (position, depth 0); neither may see the other's entry, so each
-    (and the deep query) must get the logits it gets in a step without the other."""
+    (and the deep query) must get the logits it gets in a step without the other. Decode steps find
+    rivals in Python; bigger passes with tensor ops."""
     import copy
+
+    monkeypatch.setattr(cache_module, "FEW_QUERIES", few_queries)
 
     model = make(2, "random", dict(random_rate=0.0, seed=0))
     ids, mask = left_padded([6], seed=4)
@@ -325,6 +330,33 @@ def test_dropping_a_candidate_before_kept_entries_leaves_no_gap():
     assert cache.pos[0, :5].tolist() == [0, 1, 2, 2, 3] and cache.depth[0, :5].tolist() == [0, 0, 0, 1, 0]
     assert cache.valid[0, :5].all() and not cache.valid[0, 5:].any()
     assert cache.keys[0][0, 0, :5, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 5.0]  # B's key moved into A's slot
+
+
+@pytest.mark.parametrize("kept", [0, 1, 2, None], ids=["first", "second", "third", "none"])
+def test_a_split_cache_keeps_one_candidate_where_the_first_was(kept):
+    """Greedy drafts three rival candidates beside a hard token's depth-1 pass; after the verdict
+    all but the kept one (if any) are dropped. In a split cache the kept one's entry (keys, values,
+    tags) ends up in the first candidate's slot, the fill drops past it, and the deep entry in
+    region 1 stays."""
+    cache = TaHCache(capacity=8, deep_capacity=4)
+    f32 = torch.float32
+    with torch.no_grad():
+        cache.begin_pass(torch.tensor([[0, 1, 2]]), 0, torch.ones(1, 3, dtype=torch.bool), f32)
+        fused = torch.tensor([[2, 3, 3, 3]])  # depth 1 of token 2, candidates A, B, C for position 3
+        cache.begin_pass(fused, torch.tensor([[1, 0, 0, 0]]), torch.ones(1, 4, dtype=torch.bool), f32)
+        deep_slot, *candidate_slots = cache.last_slots[0].tolist()
+        slots = torch.arange(float(cache.slots_per_row)).view(1, 1, -1, 1)  # slot s holds key s, value 10 s
+        cache.keys, cache.values = [slots.clone()], [10 * slots]
+        dropped = [slot for j, slot in enumerate(candidate_slots) if j != kept]
+        cache.invalidate(torch.tensor([0] * len(dropped)), torch.tensor(dropped))
+    fill = 3 + (kept is not None)
+    assert int(cache.fill[0]) == fill and int(cache.seen[0]) == fill and int(cache.deep_fill[0]) == 1
+    assert cache.valid[0, :fill].all() and not cache.valid[0, fill:cache.capacity].any()
+    assert cache.pos[0, :fill].tolist() == [0, 1, 2, 3][:fill] and bool(cache.valid[0, deep_slot])
+    if kept is not None:
+        assert candidate_slots[0] == 3
+        assert cache.keys[0][0, 0, 3, 0] == candidate_slots[kept] and cache.values[0][0, 0, 3, 0] == 10 * candidate_slots[kept]
+    assert cache.keys[0][0, 0, deep_slot, 0] == deep_slot  # region 1 untouched
 
 
 # -- split: depth-0 entries in one region, deeper ones in another (what decoding uses) ------------

@@ -40,6 +40,12 @@ def test_greedy_equals_the_reference_loop_fused_and_unfused(max_iter, decider):
         assert stats[True, candidates].forwards < stats[False, None].forwards  # the point of fusing
     assert stats[True, 2].drafts_accepted >= stats[True, 1].drafts_accepted  # the runner-up's point
     assert stats[True, 4].drafts_accepted >= stats[True, 2].drafts_accepted
+    for b in range(ids.shape[0]):  # one prompt alone: greedy's batch-1 defaults (three candidates)
+        real = mask[b].bool()
+        alone = generate(model, ids[b:b + 1, real], max_new_tokens=24, eos_token_id=7)
+        expected = generate_reference(model, ids[b:b + 1, real], max_new_tokens=24, eos_token_id=7)
+        assert torch.equal(alone.sequences, expected.sequences), f"prompt {b} alone"
+        assert torch.equal(alone.iter_counts, expected.iter_counts), f"prompt {b} alone"
 
 
 

@@ -239,6 +239,9 @@ class Decoder:
         self.rollbacks: list[tuple[int, int]] = []
         if dp is not None:
             for b, go_on, final_token, kept in zip(deep, *dp.tolist(), strict=True):
+                if self.sampler.greedy and not go_on:  # keep the candidate that is the argmax, if any
+                    tokens = [draft.token for draft in self.rows[b].drafts]
+                    kept = tokens.index(final_token) if final_token in tokens else -1
                 self._after_deep(self.rows[b], b, bool(go_on), final_token, kept)
         for b, row_results in zip(shallow, results, strict=True):
             if b in normal:
@@ -374,17 +377,33 @@ class Decoder:
                    feeds: list[int], picks: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         """Keep the depth-0 logits (and distributions) of the hard tokens at `hard_at` (indices of
         l0's rows, which belong to `rows` and `feeds`); when drafting several candidates, add each
-        one's runner-ups to its picks."""
-        at = torch.tensor(hard_at, device=l0.device)
-        where = (torch.tensor([rows[i] for i in hard_at], device=l0.device),
-                 torch.tensor([feeds[i] for i in hard_at], device=l0.device))
-        self.res_l0[where] = l0[at]
-        if q is not None:
-            self.res_q[where] = q[at]
+        one's runner-ups to its picks. A row without drafts starts its hard token's deeper pass next:
+        its logits go straight to deep_acc (and draft_q); a draft's wait in res_l0 (and res_q) until
+        the draft is kept (see _after_shallow's `staged`)."""
+        device = l0.device
+        direct = [i for i in hard_at if not self.rows[rows[i]].drafts]
+        staged = [i for i in hard_at if self.rows[rows[i]].drafts]
+        if direct:
+            where = [rows[i] for i in direct]
+            if where == list(range(self.deep_acc.shape[0])):  # every row (batch 1): plain copies
+                self.deep_acc.copy_(_rows_of(l0, direct))
+                if q is not None:
+                    self.draft_q.copy_(_rows_of(q, direct))
+            else:
+                where = torch.tensor(where, device=device)
+                self.deep_acc.index_copy_(0, where, _rows_of(l0, direct))
+                if q is not None:
+                    self.draft_q.index_copy_(0, where, _rows_of(q, direct))
+        if staged:
+            where = (torch.tensor([rows[i] for i in staged], device=device),
+                     torch.tensor([feeds[i] for i in staged], device=device))
+            self.res_l0[where] = _rows_of(l0, staged)
+            if q is not None:
+                self.res_q[where] = _rows_of(q, staged)
         if self.candidates < 2:
             return picks
         picks = list(picks)
-        top = l0[at].topk(min(self.candidates, l0.shape[-1])).indices  # (a tie may repeat the pick: see _after_shallow)
+        top = _rows_of(l0, hard_at).topk(min(self.candidates, l0.shape[-1])).indices  # a tie may repeat the pick (_after_shallow)
         for i, others in zip(hard_at, top[:, 1:].tolist(), strict=True):
             picks[i] = (picks[i][0], *others)
         return picks
@@ -392,7 +411,7 @@ class Decoder:
     def _deep_results(self, deep: list[int], step: _Forward) -> torch.Tensor:
         """Add the deep queries' logits to their rows' sums; returns a (3, N) device tensor: go on
         (another pass), the final token (when not going on), and the draft candidate kept (-1:
-        none)."""
+        none; greedy: -1, as _step finds it in Python)."""
         logits, col = step.logits, step.col_deep
         device = logits.device
         idx = None if len(deep) == len(self.rows) else torch.tensor(deep, device=device)
@@ -408,14 +427,9 @@ class Decoder:
             if not all(n < self.max_iter for n in passes):
                 go_on = go_on & torch.tensor([n < self.max_iter for n in passes], device=device)
         drafts = [[d.token for d in self.rows[b].drafts] for b in deep]
-        if not any(drafts):
+        if not any(drafts) or self.sampler.greedy:  # greedy: the candidate kept is found in Python (_step)
             tokens, _ = self.sampler.pick(acc)
             kept = torch.full_like(tokens, -1)
-        elif self.sampler.greedy:  # keep the candidate that is the argmax, if any
-            tokens, _ = self.sampler.pick(acc)
-            candidates = torch.tensor([d + [-1] * (self.candidates - len(d)) for d in drafts], device=device)
-            match = candidates == tokens[:, None]
-            kept = torch.where(match.any(1), match.long().argmax(1), -1)
         else:
             draft_tokens = torch.tensor([d[0] if d else 0 for d in drafts], device=device)
             draft_q = self.draft_q if idx is None else self.draft_q[idx]
@@ -428,18 +442,22 @@ class Decoder:
         return torch.stack([torch.zeros_like(tokens) if go_on is None else go_on.long(), tokens, kept])
 
     # -- row transitions -----------------------------------------------------------------------
-    def _after_shallow(self, row: _Row, b: int, hard: bool, picks: tuple[int, ...], feed: int) -> None:
+    def _after_shallow(self, row: _Row, b: int, hard: bool, picks: tuple[int, ...], feed: int,
+                       staged: bool = False) -> None:
         """The row's `feed`-th token at row.next_pos finished its depth-0 pass; picks: the next
-        token from its logits (then the runner-ups, when drafting several candidates)."""
+        token from its logits (then the runner-ups, when drafting several candidates). staged: it
+        was a draft, whose logits (if hard) wait in res_l0 (see _keep_hard)."""
         pos = row.next_pos
         if hard:
             row.deep_depth, row.deep_pos = 1, pos
-            self.copies.append((b, feed, "hard"))
+            if staged:
+                self.copies.append((b, feed, "hard"))
             if self.fused and len(row.tokens) + 1 < self.max_new:
                 candidates = list(dict.fromkeys(picks[:self.candidates]))  # a tie may make them one token
                 row.drafts = [_Draft(token) for token in candidates]
                 row.feeds, row.next_pos = candidates, pos + 1
-                self.copies.append((b, feed, "draft"))
+                if staged:
+                    self.copies.append((b, feed, "draft"))
                 self.stats.drafts += 1
             else:
                 row.feeds = []
@@ -466,7 +484,7 @@ class Decoder:
         if kept >= 0:
             self.stats.drafts_accepted += 1
             self.stats.runner_ups_accepted += kept > 0
-            self._after_shallow(row, b, drafts[kept].hard, drafts[kept].next, kept)
+            self._after_shallow(row, b, drafts[kept].hard, drafts[kept].next, kept, staged=True)
 
     def _apply_copies(self) -> None:
         """Batch the tensor copies the row transitions asked for."""
@@ -481,8 +499,7 @@ class Decoder:
                 self.draft_q[rows] = self.res_q[rows, feeds]
         if self.rollbacks:
             rows, slots = zip(*self.rollbacks, strict=True)
-            device = self.deep_acc.device
-            self.cache.invalidate(torch.tensor(rows, device=device), torch.tensor(slots, device=device))
+            self.cache.invalidate(list(rows), list(slots))
 
     def _emit(self, row: _Row, token: int, passes: int) -> None:
         row.tokens.append(token)
@@ -505,3 +522,8 @@ class Decoder:
             passes[b, :len(row.passes)] = torch.tensor(row.passes)
         sequences = torch.cat([input_ids, new.to(input_ids.device)], dim=1)
         return GenerationOutput(sequences, passes.to(input_ids.device), None, stats=self.stats)
+
+
+def _rows_of(values: torch.Tensor, at: list[int]) -> torch.Tensor:
+    """Rows `at` of (N, V) values: values itself when that is all of them in order (batch 1), else a gather."""
+    return values if at == list(range(values.shape[0])) else values.index_select(0, torch.tensor(at, device=values.device))

@@ -24,6 +24,8 @@ import torch
 
 from tah.model.attention import additive_mask, duo_causal_visible
 
+FEW_QUERIES = 64  # passes of at most this many (B x A) queries find rival drafts in Python
+
 
 class TaHCache:
     def __init__(self, capacity: int = 64, deep_capacity: int | None = None) -> None:
@@ -222,10 +224,34 @@ class TaHCache:
         (B, A, S) -> the same with rivals' entries hidden."""
         width = positions.shape[1]
         # Padding needs no care: padding entries are invalid, padding queries' outputs unread.
+        if positions.numel() <= FEW_QUERIES:  # a decode step: found in Python, hidden in one op
+            return self._hide_few_rivals(visible, positions.tolist(), depth.tolist())
         rival = (positions[:, :, None] == positions[:, None, :]) & (depth[:, :, None] == depth[:, None, :])
         rival.diagonal(dim1=1, dim2=2).fill_(False)
         index = self.last_slots[:, None, :].expand(-1, width, -1)  # (B, A, A): the slot of key query j
         return visible.scatter(2, index, visible.gather(2, index) & ~rival)
+
+    def _hide_few_rivals(self, visible: torch.Tensor, positions: list[list[int]],
+                         depth: list[list[int]]) -> torch.Tensor:
+        """_hide_rivals for the few queries of a decode step (tags as lists): a dozen tensor ops fewer."""
+        tags = [list(zip(p, d, strict=True)) for p, d in zip(positions, depth, strict=True)]
+        pairs = [(b, i, j) for b, row in enumerate(tags) for i, tag in enumerate(row) for j, other in enumerate(row)
+                 if i != j and tag == other]
+        if not pairs:
+            return visible
+        slots = self._slot_lists()
+        rows, queries, keys = zip(*((b, i, slots[b][j]) for b, i, j in pairs), strict=True)
+        device = visible.device
+        visible[torch.tensor(rows, device=device), torch.tensor(queries, device=device),
+                torch.tensor(keys, device=device)] = False
+        return visible
+
+    def _slot_lists(self) -> list[list[int]]:
+        """last_slots as Python lists, without tensor ops when the pass wrote blocks of slots."""
+        if self._slots is None and self._blocks is not None:
+            row = [slot + k for _, n, slot in sorted(self._blocks) for k in range(n)]
+            return [row] * self.fill.shape[0]
+        return self.last_slots.tolist()
 
     def _bias(self, visible: bool | torch.Tensor) -> float | torch.Tensor:
         """Additive mask values for slots whose visibility to a lone depth-0 query is `visible`."""
@@ -344,12 +370,15 @@ class TaHCache:
             self._slots = torch.arange(self._start, self._length, device=self.fill.device).expand(batch, width)
         return self._slots
 
-    def invalidate(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
+    def invalidate(self, rows: torch.Tensor | list[int], slots: torch.Tensor | list[int]) -> None:
         """Drop entries (rolled-back drafts): nobody sees them again, and the row's later entries
-        move down over them, so a row keeps exactly one slot per (token, depth it reached)."""
+        move down over them, so a row keeps exactly one slot per (token, depth it reached). rows,
+        slots: (N,) tensors or lists (a decoder's, which then makes no tensors in the common case)."""
         self._plain = False
-        if self._drop_tail(rows.tolist(), slots.tolist()):
+        if self._drop_tail(*(x if isinstance(x, list) else x.tolist() for x in (rows, slots))):
             return
+        device = self.valid.device
+        rows, slots = torch.as_tensor(rows, device=device), torch.as_tensor(slots, device=device)
         shallow = ((self.depth[rows, slots] == 0) & self.valid[rows, slots]).long()
         self.seen = self.seen.index_put((rows,), -shallow, accumulate=True)
         self.valid[rows, slots] = False
@@ -358,20 +387,30 @@ class TaHCache:
             self._close_gaps(b, first)
 
     def _drop_tail(self, rows: list[int], slots: list[int]) -> bool:
-        """The commonest rollback, done with a handful of ops: one row's last depth-0 entries in a
-        split cache (a fused step's rejected candidates after the kept one, or all of them). Region 0
-        holds only valid depth-0 entries below its fill, so lowering the fill drops them: no tags to
-        read, nothing to move. Returns False (nothing done) for any other case."""
+        """The commonest rollbacks, done with a handful of ops: entries among one row's last ones in
+        region 0 of a split cache (a fused step's rejected candidates). Region 0 holds only valid
+        depth-0 entries below its fill, so the survivors among those last entries (a kept runner-up)
+        move down over the dropped ones, and lowering the fill drops the rest: no tags to read.
+        Returns False (nothing done) for any other case."""
         if self.deep_capacity is None or any(b != rows[0] for b in rows):
             return False
         b, first, end = rows[0], min(slots), int(self.fill[rows[0]])
-        if sorted(slots) != list(range(first, end)):
+        dropped = set(slots)
+        if len(dropped) != len(slots) or max(slots) >= end:
             return False
-        self.valid[b, first:end] = False
-        self.shallow_bias[b, first:end] = self._bias(False)
-        self.fill[b] = first  # in place, as _close_gaps does; seen anew, as invalidate does
+        survivors = [slot for slot in range(first, end) if slot not in dropped]
+        for target, slot in enumerate(survivors, start=first):
+            if slot != target:
+                for buffer in self.keys + self.values:
+                    if buffer is not None:
+                        buffer[b, :, target] = buffer[b, :, slot]
+                self.pos[b, target] = self.pos[b, slot]
+        new_end = first + len(survivors)
+        self.valid[b, new_end:end] = False
+        self.shallow_bias[b, new_end:end] = self._bias(False)
+        self.fill[b] = new_end  # in place, as _close_gaps does; seen anew, as invalidate does
         self.seen = self.seen.clone()
-        self.seen[b] -= end - first
+        self.seen[b] -= end - new_end
         return True
 
     def _close_gaps(self, b: int, start: int) -> None:
