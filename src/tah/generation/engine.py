@@ -76,8 +76,8 @@ class DecodeStats:
 class _Forward:
     """What one step's forward returns: logits (B, W, V), HF's hidden_states (or None), the (B, W)
     positions it ran, the column of its deep queries and the first of its shallow ones (a row's
-    j-th depth-0 token sits in column col_shallow + j); between them, the first step's deferred
-    prompt queries, whose results nobody reads (prompt: did it run any)."""
+    j-th depth-0 token sits in column col_shallow + j); prompt: whether the first step's deferred
+    prompt queries ran (in the last columns, whose logits are not computed: nobody reads them)."""
 
     logits: torch.Tensor
     hidden: tuple | None
@@ -257,8 +257,8 @@ class Decoder:
         device = self.deep_acc.device
         need_hidden = self.decides and bool(self.model.decider.needs_hidden)
         feeds = [(b, j, token) for b in shallow for j, token in enumerate(self.rows[b].feeds)]
-        prompt = self._prompt_queries()
-        if not deep and not prompt[0] and len(feeds) == batch and len(shallow) == batch:  # the plain step
+        prompt, prompt_inputs = self._prompt_queries()
+        if not deep and not prompt and len(feeds) == batch and len(shallow) == batch:  # the plain step
             feed = torch.tensor([token for _, _, token in feeds], device=device)
             positions = torch.tensor([[row.next_pos] for row in self.rows], device=device)
             real = torch.ones(batch, 1, dtype=torch.bool, device=device)
@@ -268,14 +268,14 @@ class Decoder:
         # logits nobody reads: the LM head skips them (at context 2048, ~200 of them).
         col_deep, col_shallow = 0, int(bool(deep))
         col_prompt = col_shallow + max((j + 1 for _, j, _ in feeds), default=0)
-        width = col_prompt + max((k + 1 for _, k, _ in prompt[0]), default=0)
+        width = col_prompt + max((k + 1 for _, k, _ in prompt), default=0)
         # Small per-query tags are built in Python and sent once: a handful of tensor ops per step
         # instead of two dozen (each costs microseconds, which add up at batch 1).
         pos_tags, depth_tags, real_tags = ([[0] * width for _ in range(batch)] for _ in range(3))
         for b in deep:
             row = self.rows[b]
             pos_tags[b][col_deep], depth_tags[b][col_deep], real_tags[b][col_deep] = row.deep_pos, row.deep_depth, 1
-        for b, k, position in prompt[0]:
+        for b, k, position in prompt:
             pos_tags[b][col_prompt + k], depth_tags[b][col_prompt + k], real_tags[b][col_prompt + k] = position, 1, 1
         for b, j, _ in feeds:
             pos_tags[b][col_shallow + j], real_tags[b][col_shallow + j] = self.rows[b].next_pos, 1
@@ -287,21 +287,21 @@ class Decoder:
         if feeds:
             tokens = torch.tensor([token for _, _, token in feeds], device=device)
             parts.append(([b for b, _, _ in feeds], [col_shallow + j for _, j, _ in feeds], self.embed(tokens)))
-        if prompt[0]:
-            parts.append(([b for b, _, _ in prompt[0]], [col_prompt + k for _, k, _ in prompt[0]], prompt[1]))
+        if prompt:
+            parts.append(([b for b, _, _ in prompt], [col_prompt + k for _, k, _ in prompt], prompt_inputs))
         if sum(len(rows) for rows, _, _ in parts) == batch * width:  # every slot of the step is a query
             inputs = torch.cat([x.view(batch, -1, x.shape[-1]) for _, _, x in parts], dim=1)
         else:
             inputs = parts[0][2].new_zeros(batch, width, parts[0][2].shape[-1])
             for rows, cols, x in parts:
                 inputs[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = x
-        depths = {self.rows[b].deep_depth for b in deep} | ({0} if feeds else set()) | ({1} if prompt[0] else set())
+        depths = {self.rows[b].deep_depth for b in deep} | ({0} if feeds else set()) | ({1} if prompt else set())
         # Draft candidates are rivals, which the cache looks for in mixed-depth passes only: they
         # always run beside their hard token's deeper pass.
         depth = depths.pop() if len(depths) == 1 else torch.tensor(depth_tags, device=device)
         positions = torch.tensor(pos_tags, device=device)
         real = torch.tensor(real_tags, dtype=torch.bool, device=device)
-        if not prompt[0]:
+        if not prompt:
             logits, hidden = self.model.run_pass(inputs, positions, real, depth, self.cache, need_hidden)
             return _Forward(logits, hidden, positions, col_deep, col_shallow)
         need = (torch.arange(width, device=device) < col_prompt).expand(batch, -1)
