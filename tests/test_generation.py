@@ -29,7 +29,7 @@ def test_greedy_equals_the_reference_loop_fused_and_unfused(max_iter, decider):
     reference = generate_reference(model, ids, mask, max_new_tokens=24, eos_token_id=7)
     assert (reference.iter_counts > 1).any() and (reference.iter_counts == 1).any()
     stats = {}
-    for fused, candidates in ((True, 1), (True, 2), (True, 4), (False, None)):  # 2: greedy's default at batch 1
+    for fused, candidates in ((True, 1), (True, 2), (True, 4), (False, None)):  # batch 1's default (3): below
         out = generate(model, ids, mask, max_new_tokens=24, eos_token_id=7, fused=fused,
                        draft_candidates=candidates)
         assert torch.equal(out.sequences, reference.sequences), f"fused={fused}, candidates={candidates}"

@@ -1,7 +1,7 @@
 """Batched TaH decoding with fused latent iterations.
 
-Every step is one forward of the base model over at most two queries per row (three with two draft
-candidates):
+Every step is one forward of the base model over at most two queries per row (one more per extra
+draft candidate; the first step also takes the prompt's deferred depth-1 queries, below):
 
 - a *deep* query: the next pass (depth >= 1) of the row's pending hard token, fed with a soft
   embedding of its accumulated logits;

@@ -15,7 +15,7 @@ layers), where that measured faster:
 - decode steps (2-3 queries a row, no autograd): per masked call inside bench_decode's loop on the
   AMD EPYC machine, 3.6-3.7 vs 5.2-6.3 ms at batch 8 and 2048 keys, 450 vs 535 us at batch 8 and
   64, 481 vs 518 at batch 4 and 300, equal at batch 2. At batch 1 a fused step with two draft
-  candidates (greedy's default, 3 queries) took 0.4-0.9 ms less in all (its extra over a plain step,
+  candidates (greedy's default until 03c3b8e, 3 queries) took 0.4-0.9 ms less in all (its extra over a plain step,
   median of 6-8 runs: 7.6 vs 8.0 ms at context 64, 9.6 vs 10.5 at 2048; isolated calls at 2400 keys:
   292 vs 624 us). Passes of 4 to PACKED_QUERIES - 1 queries a row (prefill with padding) keep
   `enable_gqa`: its sums round as HF's own do, so depth 0 stays the base model to the bit there (a
@@ -35,7 +35,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "tah_sdpa"
 PACKED_QUERIES = 64  # from this many masked queries a row on (any batch, with or without autograd), packed
-DECODE_QUERIES = 3  # a decode step's queries a row (a deep one, two draft candidates): packed, any batch
+DECODE_QUERIES = 3  # a decode step's queries a row (a deep one, two draft candidates): packed, any batch;
+# greedy's batch-1 default now makes 4 (three candidates), which take enable_gqa: in-loop one-off, 144 vs
+# 153 us packed a layer, within noise
 
 
 def tah_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
