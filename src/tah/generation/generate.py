@@ -7,11 +7,14 @@ from collections.abc import Sequence
 import torch
 
 from tah.errors import InputError
+from tah.generation import static
 from tah.generation.engine import Decoder
 from tah.generation.reference import GenerationOutput
 from tah.generation.sampling import Sampler
+from tah.generation.static import StaticDecoder
 from tah.model.decider import OracleDecider
 
+ENGINES = ("auto", "eager", "static")
 MAX_DRAFT_CANDIDATES = 4  # greedy: the top few of a hard token's depth-0 logits, drafted side by side
 
 
@@ -20,7 +23,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              min_p: float = 0.0, eos_token_id: int | Sequence[int] | None = None,
              stop_strings: str | Sequence[str] | None = None, tokenizer=None, seed: int | None = None,
              streamer=None, fused: bool = True, draft_candidates: int | None = None,
-             cache_capacity: int | None = None) -> GenerationOutput:
+             cache_capacity: int | None = None, engine: str = "auto") -> GenerationOutput:
     """Decode a batch of left-padded prompts with a TaHForCausalLM.
 
     input_ids (B, T) and attention_mask (B, T) (1 = real token; padding on the left). Returns
@@ -34,10 +37,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     than 3 at context 64 on CPU, as the products' BLAS kernels favour even row counts), else 1: on CPU
     at batch 8 a third query a row made steps slower than the rollbacks it saved (see
     benchmarks/RESULTS.md); on a GPU, where products are weight-bound at any batch, try 2. Sampling
-    takes one draft (its acceptance rule is for one). Raises `InputError` on bad arguments.
+    takes one draft (its acceptance rule is for one).
+
+    engine: "eager" is the engine above (any settings; tuned for CPUs); "static" decodes with static
+    shapes, every decision on the device and each step replayed from a CUDA graph on a GPU
+    (`tah.generation.static`: greedy, max_iter <= 2, one draft; the same tokens); "auto" (the default)
+    takes "static" on CUDA where it applies, else "eager". Raises `InputError` on bad arguments.
     """
     input_ids, attention_mask = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
     sampler = Sampler(do_sample, temperature, top_k, top_p, min_p, _generator(seed, input_ids.device))
+    use_static = _use_static(model, engine, sampler.greedy, fused, draft_candidates, input_ids.device)
     if draft_candidates is None:
         draft_candidates = 3 if sampler.greedy and input_ids.shape[0] == 1 else 1
     if draft_candidates not in range(1, MAX_DRAFT_CANDIDATES + 1) or draft_candidates > 1 and not sampler.greedy:
@@ -52,15 +61,37 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if input_ids.shape[0] != 1:
             raise InputError("a streamer can follow one prompt only; pass a batch of 1 or no streamer")
         streamer.put(input_ids.cpu())
+    was_training = model.training
+    if use_static:
+        decoder = StaticDecoder(model, max_new_tokens=max_new_tokens, eos_ids=eos_ids, stop=stop, streamer=streamer)
+        model.eval()
+        try:
+            return decoder.run(input_ids, attention_mask)
+        finally:
+            model.train(was_training)
     capacity = cache_capacity or input_ids.shape[1] + max_new_tokens + 16  # depth-0 slots; deeper ones apart
     decoder = Decoder(model, sampler, max_new_tokens=max_new_tokens, eos_ids=eos_ids, fused=fused,
                       candidates=draft_candidates, stop=stop, streamer=streamer)
-    was_training = model.training
     model.eval()
     try:
         return decoder.run(input_ids, attention_mask, capacity)
     finally:
         model.train(was_training)
+
+
+def _use_static(model, engine: str, greedy: bool, fused: bool, draft_candidates: int | None,
+                device: torch.device) -> bool:
+    """Does this call decode on the static engine (see `generate`'s `engine`)?"""
+    if engine not in ENGINES:
+        raise InputError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    if engine == "eager":
+        return False
+    reason = static.supports(model, greedy, fused)
+    if reason is None and draft_candidates not in (None, 1):
+        reason = "several draft candidates run on the eager engine"
+    if engine == "static" and reason is not None:
+        raise InputError(f"engine='static' cannot decode these settings ({reason}); use engine='eager' or 'auto'")
+    return engine == "static" or device.type == "cuda" and reason is None
 
 
 def _check_prompt(model, input_ids, attention_mask, max_new_tokens):

@@ -35,6 +35,10 @@ class DepthState:
         # (column, depth) when one column of every row holds all the deeper queries, at one depth,
         # outside autograd and autocast (a fused decode step at batch 1): the linears' shortest path
         self.one_column: tuple[int, int] | None = None
+        self.deepest = 1  # the deepest depth a pass may hold (max_iter - 1; the model sets it)
+        # True while a static-shape engine runs (CUDA graphs may capture its passes): no host reads
+        # of the tags, on any device
+        self.device_only = False
 
     def set(self, depth: int | torch.Tensor, dtype: torch.dtype | None = None,
             real: torch.Tensor | None = None) -> None:
@@ -48,14 +52,19 @@ class DepthState:
         self.rows = None
         self.plain = False
         self.one_column = None
-        if real is not None and real.device.type == "cpu" and 1 < real.numel() <= _FEW_TAGS \
-                and not torch.is_grad_enabled():
+        tags = real if real is not None else depth if isinstance(depth, torch.Tensor) else None
+        device_only = self.device_only or tags is not None and tags.device.type != "cpu"
+        if real is not None and not device_only and 1 < real.numel() <= _FEW_TAGS and not torch.is_grad_enabled():
             flags = real.flatten().tolist()
             if 0 < sum(flags) <= PACK_REAL_SHARE * len(flags):
                 self._set_packed(depth, [i for i, f in enumerate(flags) if f], real.device, dtype)
                 return
         if isinstance(depth, int):
             self.plain = depth == 0
+            return
+        if device_only:  # no reads of the tags: a mask per depth, built on the device
+            for d in range(1, self.deepest + 1):  # (a host sync each read would cost; CUDA graphs forbid it)
+                self.selections[d] = _mask((depth == d).reshape(-1, 1), dtype)
             return
         if depth.numel() > _FEW_TAGS:
             for d in sorted(int(d) for d in torch.unique(depth).tolist()):
@@ -237,6 +246,8 @@ class DepthLoRALinear(nn.Module):
         assignment is seen), so a decode step's linear makes no checks or lookups beyond this."""
         params = self._base_params
         weight, bias = params["weight"], params.get("bias")
+        if weight.device.type != "cpu":  # few_rows is for CPUs; the module call runs its hooks (ZeRO-3 gathering)
+            return self.base_layer(x)
         kept = self._plans.get(x.shape)
         if kept is not None and kept[1] is weight and kept[2] is bias and kept[3] == x.dtype \
                 and not torch.is_grad_enabled():

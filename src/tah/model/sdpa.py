@@ -22,13 +22,20 @@ layers), where that measured faster:
   padded prefill of 2-3 tokens a row differs in float rounding);
 - under autograd (training's deeper pass) from ~64 queries a row: 10.5 vs 11.9 ms forward +
   backward a layer at 115 x 1139, but 3.5 vs 3.0 ms at 4 queries.
-Every other case goes to HF's own function unchanged.
+Every other case on CPU goes to HF's own function unchanged.
+
+On CUDA, a masked call takes `masked_attention_gpu`: the KV group's heads packed as its queries
+(no KV-head copy), on the memory-efficient kernel. Left to itself, SDPA sends masked calls to cuDNN,
+which plans anew for every shape: 22.8 ms of CPU a forward call and 18.6 ms a backward call on an
+H200, where a training step's kernels all took 133 ms (issue 26). Unmasked calls (depth 0: causal
+prefill and training, a plain decode step) stay on HF's path (flash).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -49,6 +56,8 @@ def tah_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     extras = (any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "cache"))
               or kwargs.get("output_attentions"))
     batch, heads, queries, dim = query.shape
+    if query.device.type != "cpu" and attention_mask is not None and not extras:
+        return masked_attention_gpu(query, key, value, attention_mask, groups, dropout, scaling), None
     if groups == 1 or query.device.type != "cpu" or extras or attention_mask is None and queries > 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -65,6 +74,42 @@ def tah_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                          scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
+
+
+# The kernels a masked call may take on CUDA: memory-efficient (arbitrary additive masks, forward and
+# backward, no per-shape planning), else math. Not cuDNN (plans per shape, see above), not flash (no masks).
+GPU_MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def masked_attention_gpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                         groups: int, dropout: float = 0.0, scaling: float | None = None) -> torch.Tensor:
+    """Duo-causal (any masked) attention for CUDA: query (B, H, A, D), key/value (B, KV, S, D) with
+    H = KV * groups, mask (B, 1, A, S) additive -> (B, A, H, D). Each KV group's heads become that
+    group's queries, (B, KV, groups * A, D), so no head of the cache is copied; one query a row needs
+    no mask copy either (it broadcasts). No host sync and no data-dependent shape: CUDA graphs may
+    capture it. Runs on any device (the CPU case is what tests hold against HF's sdpa)."""
+    batch, heads, queries, dim = query.shape
+    packed = query.reshape(batch, heads // groups, groups * queries, dim)
+    bias = _in_dtype(mask, query.dtype)
+    if queries > 1 and groups > 1:
+        bias = packed_mask(bias, groups)
+    with sdpa_kernel(GPU_MASKED_BACKENDS):
+        out = F.scaled_dot_product_attention(packed, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
+    return out.view(batch, heads, queries, dim).transpose(1, 2).contiguous()
+
+
+def _in_dtype(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask in the queries' dtype (SDPA's kernels take no other), made once per mask
+    object: under autocast the mask is built in float32 while the queries are bf16. Clamped to the
+    dtype's lowest finite value, so that a query that sees nothing (padding) averages the values
+    instead of producing NaN, forward and backward."""
+    if mask.dtype == dtype:
+        return mask
+    cast = getattr(mask, "_tah_cast", None)
+    if cast is None or cast.dtype != dtype:
+        cast = mask.clamp(min=torch.finfo(dtype).min).to(dtype)
+        mask._tah_cast = cast
+    return cast
 
 
 def _packs(queries: int, grad: bool) -> bool:

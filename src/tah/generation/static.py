@@ -1,0 +1,325 @@
+"""Decoding with static shapes: a fixed-capacity cache, every decision on the device, CUDA graphs.
+
+On a GPU a decode step at small batch is bound by launching kernels, not by the GPU (issue 26:
+~46,000 launches for 32 steps of a 28-layer model). Here a step is one of two fixed-shape
+forwards, each captured once in a CUDA graph and then replayed:
+
+- *plain*: one depth-0 query per row, while no row has a pending hard token;
+- *fused*: per row, the pending hard token's depth-1 pass (padding where none is pending) and
+  depth 0 of the row's next token. For a pending row that token is a *draft*: the top token of the
+  hard token's depth-0 logits. The draft never sees the depth-1 entry (duo-causal rule), so its
+  pass is exactly the unfused one; when the hard token's final logits pick another token, the
+  draft's entry is dropped and the right token runs next.
+
+Everything a step decides (hard or not, the draft kept or dropped, the next token, the next
+position) is computed on the device into fixed tensors; the host reads one small tensor per step,
+the tokens emitted, to stop rows (EOS, max_new_tokens, stop strings) and to choose the next step's
+kind. Greedy tokens and pass counts equal the plain one-forward-per-token loop (tests hold them
+against it). Scope: greedy decoding with max_iter <= 2; `tah.generate(engine="auto")` takes the
+eager engine (`engine.py`) otherwise. On CPU the same steps run without graphs (what tests check).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import torch
+
+from tah.generation.engine import DecodeStats
+from tah.generation.reference import GenerationOutput
+from tah.generation.sampling import greedy_tokens
+from tah.model.cache import TaHCache
+from tah.model.decider import ConstantDecider, RandomDecider
+from tah.model.soft_input import soft_embedding
+from tah.model.static_cache import StaticTaHCache
+
+SLOT_ROUNDING = 256  # capacities are rounded up to a multiple of this, so runners are reused across calls
+KEPT_RUNNERS = 4  # static runners (buffers + graphs) kept per model, least recently used dropped
+NONE = -1  # "no token" in the emitted tensor
+
+
+def supports(model, greedy: bool, fused: bool) -> str | None:
+    """None if the static engine can decode with these settings, else why not."""
+    if not greedy:
+        return "sampling runs on the eager engine"
+    if model.tah_config.max_iter > 2:
+        return "max_iter > 2 runs on the eager engine"
+    if not fused and _decides(model):
+        return "fused=False runs on the eager engine"
+    return None
+
+
+def _decides(model) -> bool:
+    decider = model.decider
+    return model.tah_config.max_iter > 1 and not (isinstance(decider, ConstantDecider) and not decider.value)
+
+
+class StaticRunner:
+    """The fixed buffers of one (model, batch, capacity) and the step functions over them; the
+    CUDA graphs that replay those functions when `graphs` is set."""
+
+    def __init__(self, model, batch: int, capacity: int, dtype: torch.dtype, device: torch.device,
+                 graphs: bool) -> None:
+        text = model.lm.config.get_text_config()
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        self.model, self.graphs = model, graphs
+        self.embed = model.lm.get_input_embeddings()
+        self.decides = _decides(model)
+        self.need_hidden = self.decides and bool(model.decider.needs_hidden)
+        self.cache = StaticTaHCache(text.num_hidden_layers, batch, text.num_key_value_heads, head_dim, capacity,
+                                    dtype, device)
+        vocab = self.embed.weight.shape[0]
+        long = dict(dtype=torch.long, device=device)
+        self.token = torch.zeros(batch, **long)  # the token to run at depth 0 next (a draft if pending)
+        self.position = torch.zeros(batch, **long)  # its position
+        self.active = torch.zeros(batch, dtype=torch.bool, device=device)  # rows still decoding
+        self.pending = torch.zeros(batch, dtype=torch.bool, device=device)  # a hard token awaits depth 1
+        self.hard_acc = torch.zeros(batch, vocab, dtype=dtype, device=device)  # its depth-0 logits
+        self.hard_pos = torch.zeros(batch, **long)
+        # what a step emits, per row: [token from a hard token's final logits, token from depth 0]
+        # (NONE where none), then whether the row has a pending hard token after the step
+        self.out = torch.full((batch, 3), NONE, **long)
+        self.fused_depth = torch.tensor([[1, 0]], **long).expand(batch, 2)
+        self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self.settings = _settings_key(model)
+
+    # -- host side -----------------------------------------------------------------------------
+    def load(self, cache: TaHCache, first: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> None:
+        """Start from a prefill: its cache entries, each row's first token (B,), that token's
+        position (B,) and the rows that go on (B,) bool."""
+        used = int(cache.fill.max())
+        if used > self.cache.capacity:
+            raise ValueError(f"prefill holds {used} slots a row; the runner has {self.cache.capacity}")
+        for mine, theirs in zip(self.cache.keys + self.cache.values, cache.keys + cache.values, strict=True):
+            mine[:, :, :used] = theirs[:, :, :used]
+        for tag in ("pos", "depth", "valid"):
+            mine = getattr(self.cache, tag)
+            mine.zero_()
+            mine[:, :used] = getattr(cache, tag)[:, :used]
+        self.cache.fill.copy_(cache.fill)
+        self.token.copy_(first)
+        self.position.copy_(positions)
+        self.active.copy_(active)
+        self.pending.zero_()
+
+    def step(self, fused: bool) -> None:
+        """One step (replayed from its graph once captured); results in `self.out`."""
+        kind = "fused" if fused else "plain"
+        if not self.graphs:
+            self._run(kind)
+            return
+        graph = self._graphs.get(kind)
+        if graph is None:
+            graph = self._graphs[kind] = self._capture(kind)
+        graph.replay()
+
+    def _run(self, kind: str) -> None:
+        state = self.model.depth_state
+        state.device_only = True  # the LoRA linears read no tags on the host
+        try:
+            self._fused() if kind == "fused" else self._plain()
+        finally:
+            state.device_only = False
+
+    def grow(self, capacity: int) -> None:
+        """More slots a row; the graphs are captured anew over the new buffers."""
+        self.cache = self.cache.grown(capacity)
+        self._graphs = {}
+
+    def _capture(self, kind: str) -> torch.cuda.CUDAGraph:
+        """Warm the step up on a side stream, then capture it. The warm-up really runs, so the state it
+        changes (tags, fills, the rows' state; keys and values are written at free slots only) is
+        put back afterwards."""
+        saved = self._state()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._run(kind)
+        torch.cuda.current_stream().wait_stream(side)
+        self._restore(saved)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._run(kind)
+        self._restore(saved)  # capture runs nothing, but be plain about it
+        return graph
+
+    def _state(self) -> list[torch.Tensor]:
+        return [t.clone() for t in self._state_tensors()]
+
+    def _restore(self, saved: list[torch.Tensor]) -> None:
+        for t, kept in zip(self._state_tensors(), saved, strict=True):
+            t.copy_(kept)
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        c = self.cache
+        return [c.pos, c.depth, c.valid, c.fill, self.token, self.position, self.active, self.pending,
+                self.hard_acc, self.hard_pos, self.out]
+
+    # -- device side: the two steps ------------------------------------------------------------
+    def _plain(self) -> None:
+        """Depth 0 of every active row's next token."""
+        positions = self.position[:, None]
+        logits, hidden = self.model.run_pass(self.embed(self.token)[:, None], positions, self.active[:, None], 0,
+                                             self.cache, self.need_hidden)
+        self.out[:, 0].fill_(NONE)
+        self._after_depth0(logits[:, 0], hidden, 0, self.active)
+
+    def _fused(self) -> None:
+        """Depth 1 of each pending hard token beside depth 0 of the row's next token (its draft)."""
+        deep = self.pending & self.active
+        table = self.embed.weight
+        soft = soft_embedding(self.hard_acc, table, self.model.tah_config.input_topk).to(table.dtype)
+        inputs = torch.stack([soft, self.embed(self.token)], 1)
+        positions = torch.stack([self.hard_pos, self.position], 1)
+        real = torch.stack([deep, self.active], 1)
+        logits, hidden = self.model.run_pass(inputs, positions, real, self.fused_depth, self.cache, self.need_hidden)
+        final = self.hard_acc + logits[:, 0]
+        final_token = greedy_tokens(final)
+        rejected = deep & (final_token != self.token)  # the draft was not the hard token's final pick
+        self.cache.drop_last(rejected)
+        self.out[:, 0].copy_(torch.where(deep, final_token, NONE))
+        # a rejected draft's place goes to the right token, at the same position, next step
+        self.token.copy_(torch.where(rejected, final_token, self.token))
+        self._after_depth0(logits[:, 1], hidden, 1, self.active & ~rejected)
+
+    def _after_depth0(self, logits: torch.Tensor, hidden: tuple | None, column: int, ran: torch.Tensor) -> None:
+        """The transitions after depth 0 of each row's token where `ran` (B,) bool: an easy token's
+        pick is emitted; a hard token becomes pending and its top token is the next step's draft.
+        Either way the pick runs next, one position on. Rows where `ran` is False keep their state
+        (a rejected draft's row keeps the token just set)."""
+        pick = greedy_tokens(logits)
+        hard = self._hard(logits, hidden, column) & ran if self.decides else torch.zeros_like(ran)
+        self.out[:, 1].copy_(torch.where(ran & ~hard, pick, NONE))
+        self.hard_acc.copy_(torch.where(hard[:, None], logits, self.hard_acc))
+        self.hard_pos.copy_(torch.where(hard, self.position, self.hard_pos))
+        self.pending.copy_(hard)
+        self.token.copy_(torch.where(ran, pick, self.token))
+        self.position.add_(ran.long())
+        self.out[:, 2].copy_(hard.long())
+
+    def _hard(self, logits: torch.Tensor, hidden: tuple | None, column: int) -> torch.Tensor:
+        """(B,) bool: does the decider send each row's depth-0 token (at `column`) to depth 1?"""
+        decider = self.model.decider
+        positions = self.position[:, None]
+        if isinstance(decider, RandomDecider):  # its hash, not its lookup table (which reads sizes on the host)
+            return decider.draw(positions, 0)[:, 0]
+        states = None if hidden is None else tuple(h if h is None else h[:, column:column + 1] for h in hidden)
+        go_on, _ = decider(logits[:, None], states, positions, 0)
+        return go_on[:, 0]
+
+
+def _settings_key(model) -> tuple:
+    """What a captured graph bakes in besides its buffers: the decider and its threshold, max_iter."""
+    config = model.tah_config
+    return id(model.decider), config.threshold, config.max_iter, config.input_topk
+
+
+def runner_for(model, batch: int, capacity: int, dtype: torch.dtype, device: torch.device, graphs: bool) -> StaticRunner:
+    """A kept runner of this shape and settings, or a new one (kept, least recently used dropped)."""
+    capacity = -(-capacity // SLOT_ROUNDING) * SLOT_ROUNDING - 1  # + the trash slot: a round number of slots
+    runners: OrderedDict = model.__dict__.setdefault("_static_runners", OrderedDict())
+    key = (batch, capacity, dtype, str(device), graphs)
+    runner = runners.get(key)
+    if runner is None or runner.settings != _settings_key(model) or runner.cache.capacity < capacity:
+        runner = StaticRunner(model, batch, capacity, dtype, device, graphs)
+    runners[key] = runner
+    runners.move_to_end(key)
+    while len(runners) > KEPT_RUNNERS:
+        runners.popitem(last=False)
+    return runner
+
+
+class StaticDecoder:
+    """One `generate` call on the static engine: prefill, then steps until every row is done."""
+
+    def __init__(self, model, *, max_new_tokens: int, eos_ids: set[int], stop=None, streamer=None,
+                 graphs: bool | None = None) -> None:
+        self.model, self.max_new, self.eos_ids, self.stop, self.streamer = model, max_new_tokens, eos_ids, stop, streamer
+        self.graphs = graphs
+        self.stats = DecodeStats()
+
+    @torch.no_grad()
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> GenerationOutput:
+        started = time.perf_counter()
+        device = input_ids.device
+        graphs = device.type == "cuda" if self.graphs is None else self.graphs
+        batch, length = input_ids.shape
+        prefill = TaHCache(capacity=length)
+        out = self.model(input_ids, attention_mask=attention_mask, past_key_values=prefill, use_cache=True,
+                         logits_to_keep=1)
+        first = greedy_tokens(out.logits[:, -1])
+        # Worst case a row holds every prompt entry, then 1 slot per new token plus the deep ones; start
+        # with room for a quarter of the new tokens going deep, growing if a row gets near the end.
+        used = int(prefill.fill.max())
+        runner = runner_for(self.model, batch, used + self.max_new + self.max_new // 4 + 2, out.logits.dtype, device, graphs)
+        first_list, passes = first.tolist(), out.iter_count[:, -1].tolist()
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.passes: list[list[int]] = [[] for _ in range(batch)]
+        self.done = [False] * batch
+        for b in range(batch):
+            self._emit(b, first_list[b], passes[b])
+        active = torch.tensor([not d for d in self.done], device=device)
+        runner.load(prefill, first, prefill.seen, active)
+        self.stats.prefill_seconds = time.perf_counter() - started
+        pending, bound = False, used  # a bound on every row's fill, known without reading it
+        while not all(self.done):
+            if bound + 2 > runner.cache.capacity:  # rare: read the fills, grow if a row is really near the end
+                bound = int(runner.cache.fill.max())
+                if bound + 2 > runner.cache.capacity:
+                    runner.grow(-(-(2 * runner.cache.capacity + 1) // SLOT_ROUNDING) * SLOT_ROUNDING - 1)
+            step_started = time.perf_counter()
+            runner.step(fused=pending)
+            bound += 2 if pending else 1
+            emitted = runner.out.tolist()  # the step's one host sync
+            self.stats.record_step(pending, time.perf_counter() - step_started)
+            pending = self._take(emitted, runner)
+        self.stats.seconds = time.perf_counter() - started
+        self.stats.kv_entries = int(runner.cache.fill.sum())
+        self.stats.kv_bytes = runner.cache.nbytes()
+        if self.streamer is not None:
+            self.streamer.end()
+        return self._output(input_ids)
+
+    def _take(self, emitted: list[list[int]], runner: StaticRunner) -> bool:
+        """Record a step's tokens; stop rows that are done. Returns whether a live row has a pending hard token."""
+        stopped, pending = [], False
+        for b, (deep_token, shallow_token, hard) in enumerate(emitted):
+            if self.done[b]:
+                continue
+            if deep_token != NONE:
+                self.stats.drafts += 1
+                self.stats.drafts_accepted += shallow_token != NONE or bool(hard)  # the draft's own pass counted
+                self._emit(b, deep_token, 2)
+            if shallow_token != NONE and not self.done[b]:
+                self._emit(b, shallow_token, 1)
+            if self.done[b]:
+                stopped.append(b)
+            pending = pending or bool(hard) and not self.done[b]
+        if stopped:
+            runner.active[stopped] = False  # a few rows, once each
+        return pending
+
+    def _emit(self, b: int, token: int, passes: int) -> None:
+        self.tokens[b].append(token)
+        self.passes[b].append(passes)
+        if self.streamer is not None:
+            if getattr(self.streamer, "wants_passes", False):
+                self.streamer.put(torch.tensor([token]), passes=passes)
+            else:
+                self.streamer.put(torch.tensor([token]))
+        if token in self.eos_ids or len(self.tokens[b]) >= self.max_new or \
+                (self.stop is not None and self.stop(self.tokens[b])):
+            self.done[b] = True
+
+    def _output(self, input_ids: torch.Tensor) -> GenerationOutput:
+        longest = max(len(t) for t in self.tokens)
+        pad = min(self.eos_ids) if self.eos_ids else 0
+        new = torch.full((len(self.tokens), longest), pad, dtype=torch.long)
+        passes = torch.zeros(len(self.tokens), longest, dtype=torch.long)
+        for b, (tokens, counts) in enumerate(zip(self.tokens, self.passes, strict=True)):
+            new[b, :len(tokens)] = torch.tensor(tokens)
+            passes[b, :len(counts)] = torch.tensor(counts)
+        sequences = torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+        return GenerationOutput(sequences, passes.to(input_ids.device), None, stats=self.stats)

@@ -1,0 +1,108 @@
+"""`StaticTaHCache`: KV slots of fixed capacity, tagged (position, depth, valid), kept on the device.
+
+The cache of static-shape decoding (`tah.generation.static`): every pass reads all `capacity + 1`
+slots of every row under the duo-causal mask, and every piece of bookkeeping is a tensor op on
+the device, so a decode step has no host sync and no data-dependent shape and a CUDA graph can
+capture it. Each row fills its slots left to right, one per (token, depth it reached), as
+`TaHCache` does: memory in use is (1 + iterated share) x the base model's KV. The last slot is a
+trash slot, always invalid, where padding queries (rows without a pending hard token, finished
+rows) write.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tah.model.attention import additive_mask, duo_causal_visible
+from tah.model.cache import TaHCache
+
+
+class StaticTaHCache:
+    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        """capacity: live slots per row (the trash slot comes on top)."""
+        self.capacity = capacity
+        slots = capacity + 1
+        self.keys = [torch.zeros(batch, kv_heads, slots, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.pos = torch.zeros(batch, slots, dtype=torch.long, device=device)
+        self.depth = torch.zeros(batch, slots, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)
+        self.fill = torch.zeros(batch, dtype=torch.long, device=device)  # live slots per row
+        self._slots: torch.Tensor | None = None  # (B, A) where the current pass writes
+
+    @classmethod
+    def from_prefill(cls, cache: TaHCache, capacity: int) -> StaticTaHCache:
+        """A static cache of `capacity` slots a row holding a prefilled (one-run) `TaHCache`'s entries."""
+        if cache.deep_capacity is not None:
+            raise ValueError("from_prefill takes a TaHCache with one run of slots (deep_capacity=None)")
+        used = int(cache.fill.max())
+        if used > capacity:
+            raise ValueError(f"the prefill holds {used} slots a row; the static cache has {capacity}")
+        first = next(k for k in cache.keys if k is not None)
+        batch, kv_heads, _, head_dim = first.shape
+        static = cls(len(cache.keys), batch, kv_heads, head_dim, capacity, first.dtype, first.device)
+        for mine, theirs in zip(static.keys + static.values, cache.keys + cache.values, strict=True):
+            mine[:, :, :used] = theirs[:, :, :used]
+        static.pos[:, :used] = cache.pos[:, :used]
+        static.depth[:, :used] = cache.depth[:, :used]
+        static.valid[:, :used] = cache.valid[:, :used]
+        static.fill.copy_(cache.fill)
+        return static
+
+    def grown(self, capacity: int) -> StaticTaHCache:
+        """A copy with more slots a row (the same entries in the same slots)."""
+        batch, kv_heads, _, head_dim = self.keys[0].shape
+        bigger = StaticTaHCache(len(self.keys), batch, kv_heads, head_dim, capacity, self.keys[0].dtype,
+                                self.keys[0].device)
+        live = self.capacity  # the trash slot stays behind
+        for mine, theirs in zip(bigger.keys + bigger.values, self.keys + self.values, strict=True):
+            mine[:, :, :live] = theirs[:, :, :live]
+        for mine, theirs in ((bigger.pos, self.pos), (bigger.depth, self.depth), (bigger.valid, self.valid)):
+            mine[:, :live] = theirs[:, :live]
+        bigger.fill.copy_(self.fill)
+        return bigger
+
+    # -- a pass --------------------------------------------------------------------------------
+    def begin_pass(self, positions: torch.Tensor, depth: int | torch.Tensor, real: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """Reserve slots for a pass of (B, A) queries (real ones take the row's next slots, in column
+        order; padding ones the trash slot), tag them, and return the (B, 1, A, capacity + 1)
+        additive duo-causal mask. positions (B, A); depth int or (B, A); real (B, A) bool."""
+        depth = torch.full_like(positions, depth) if isinstance(depth, int) else depth
+        slots = torch.where(real, self.fill[:, None] + real.long().cumsum(1) - 1, self.capacity)
+        self._slots = slots
+        self.pos.scatter_(1, slots, positions)
+        self.depth.scatter_(1, slots, depth)
+        self.valid.scatter_(1, slots, real)
+        self.fill.add_(real.sum(1))
+        visible = duo_causal_visible(positions, depth, self.pos, self.depth, self.valid)
+        return additive_mask(visible, dtype)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *_: object, **__: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """HF's `Cache.update`: write this pass's (B, KV, A, D) keys/values to their slots; return
+        the whole (B, KV, capacity + 1, D) buffers (the mask hides what a query may not see)."""
+        index = self._slots[:, None, :, None].expand_as(key_states)
+        self.keys[layer_idx].scatter_(2, index, key_states)
+        self.values[layer_idx].scatter_(2, index, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def drop_last(self, rows: torch.Tensor) -> None:
+        """Drop the last entry of each row where `rows` (B,) bool is set (a rejected draft, which is
+        always its row's last entry): invalid from now on, its slot the next to be written."""
+        last = (self.fill - 1).clamp(min=0)[:, None]
+        self.valid.scatter_(1, last, self.valid.gather(1, last) & ~rows[:, None])
+        self.fill.sub_(rows.long())
+
+    # HF asks these only when it builds a mask itself, which it never does here (ours is 4-D).
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        raise NotImplementedError("StaticTaHCache takes positions and a ready mask; it does not count tokens")
+
+    def entries(self) -> torch.Tensor:
+        """(B,) KV entries each row holds per layer."""
+        return self.fill.clone()
+
+    def nbytes(self) -> int:
+        """Bytes held by the key and value buffers of all layers."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -1,0 +1,132 @@
+"""The static-shape engine (the GPU's, run here without CUDA graphs): the same tokens and pass counts
+as the plain loop, every decision on the device, one host sync per step, a cache that grows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import left_padded, randomize_lora, tiny_tah
+from tah import InputError
+from tah.generation import generate, generate_reference
+from tah.generation import static as static_engine
+
+
+def strong_model(decider: str = "random", rate: float = 0.4, **config):
+    """LoRA strong enough that depth 1 often changes the argmax, so drafts get rejected too."""
+    model = tiny_tah(decider=decider, random_rate=rate, max_iter=2, **config)
+    randomize_lora(model, std=2.0, seed=3)
+    return model
+
+
+@pytest.mark.parametrize("decider", ["random", "mlp", "always", "never"])
+def test_static_engine_equals_the_reference_loop(decider):
+    model = strong_model(decider)
+    model.set_threshold(0.4)
+    ids, mask = left_padded([5, 9, 3, 7], seed=1)
+    reference = generate_reference(model, ids, mask, max_new_tokens=24, eos_token_id=7)
+    out = generate(model, ids, mask, max_new_tokens=24, eos_token_id=7, engine="static")
+    assert torch.equal(out.sequences, reference.sequences)
+    assert torch.equal(out.iter_counts, reference.iter_counts)
+    if decider in ("random", "mlp"):
+        assert (reference.iter_counts == 2).any() and (reference.iter_counts == 1).any()
+    if decider == "random":  # drafts ran, some were kept and some rolled back
+        assert 0 < out.stats.drafts_accepted < out.stats.drafts
+        assert out.stats.deep_steps > 0 and out.stats.shallow_steps > 0
+    if decider == "never":
+        assert out.stats.deep_steps == 0
+
+
+def test_static_engine_matches_the_eager_engine_one_prompt_at_a_time():
+    model = strong_model()
+    for seed in range(3):
+        ids, _ = left_padded([6 + seed], seed=seed)
+        eager = generate(model, ids, max_new_tokens=20, engine="eager")
+        static = generate(model, ids, max_new_tokens=20, engine="static")
+        assert torch.equal(static.sequences, eager.sequences)
+        assert torch.equal(static.iter_counts, eager.iter_counts)
+
+
+def test_kv_entries_are_one_per_token_and_depth_reached():
+    model = strong_model()
+    ids, mask = left_padded([4, 6], seed=5)
+    out = generate(model, ids, mask, max_new_tokens=30, engine="static")
+    prefill = model(ids, attention_mask=mask)
+    # every token but the last generated one holds its entries; the last one too where it ran as a kept draft
+    fed = int(prefill.iter_count[mask.bool()].sum()) + int(out.iter_counts[:, :-1].sum())
+    assert fed <= out.stats.kv_entries <= fed + ids.shape[0]
+
+
+def test_the_cache_grows_when_rows_fill_it(monkeypatch):
+    model = strong_model(rate=0.9)
+    monkeypatch.setattr(static_engine, "SLOT_ROUNDING", 8)
+    ids, mask = left_padded([5, 3], seed=2)
+    reference = generate_reference(model, ids, mask, max_new_tokens=40)
+    out = generate(model, ids, mask, max_new_tokens=40, engine="static")
+    assert torch.equal(out.sequences, reference.sequences)
+    assert torch.equal(out.iter_counts, reference.iter_counts)
+
+
+def test_runners_are_reused_across_calls_and_rebuilt_when_settings_change():
+    model = strong_model(decider="mlp")
+    ids, _ = left_padded([5], seed=0)
+    generate(model, ids, max_new_tokens=8, engine="static")
+    first = next(iter(model._static_runners.values()))
+    generate(model, ids, max_new_tokens=8, engine="static")
+    assert next(iter(model._static_runners.values())) is first
+    model.set_threshold(0.2)  # a captured graph bakes the threshold in
+    lowered = generate(model, ids, max_new_tokens=8, engine="static")
+    assert next(iter(model._static_runners.values())) is not first
+    assert torch.equal(lowered.iter_counts, generate_reference(model, ids, max_new_tokens=8).iter_counts)
+
+
+class _SyncCounter:
+    """Counts the reads of tensor values on the host (each one is a device sync on a GPU)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.count = 0
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy"):
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(original))
+
+    def _counting(self, original):
+        def counted(tensor, *args, **kwargs):
+            self.count += 1
+            return original(tensor, *args, **kwargs)
+        return counted
+
+
+def test_a_decode_step_reads_the_device_once(monkeypatch):
+    """Plain and fused steps alike: the emitted tokens are the step's only host read."""
+    model = strong_model(rate=0.5)
+    ids, mask = left_padded([5, 7], seed=4)
+    runner = static_engine.runner_for(model, 2, 64, torch.float32, torch.device("cpu"), graphs=False)
+    prefill = static_engine.TaHCache(capacity=ids.shape[1])
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, past_key_values=prefill, use_cache=True, logits_to_keep=1)
+        runner.load(prefill, out.logits[:, -1].argmax(-1), prefill.seen, torch.ones(2, dtype=torch.bool))
+        counter = _SyncCounter(monkeypatch)
+        for fused in (False, True, False, True):
+            runner.step(fused)
+    assert counter.count == 0  # the step itself reads nothing; the decoder reads runner.out once
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(engine="paged"), "engine must be one of"),
+    (dict(engine="static", do_sample=True, temperature=0.7), "sampling"),
+    (dict(engine="static", draft_candidates=2), "draft candidates"),
+])
+def test_settings_the_static_engine_cannot_take_are_refused(kwargs, words):
+    model = strong_model()
+    ids, _ = left_padded([4])
+    with pytest.raises(InputError, match=words):
+        generate(model, ids, max_new_tokens=4, **kwargs)
+
+
+def test_auto_takes_the_eager_engine_on_cpu_and_for_max_iter_3():
+    model = strong_model()
+    ids, _ = left_padded([4])
+    assert not generate.__globals__["_use_static"](model, "auto", True, True, None, torch.device("cpu"))
+    assert generate.__globals__["_use_static"](model, "auto", True, True, None, torch.device("cuda"))
+    deeper = tiny_tah(decider="random", random_rate=0.3, max_iter=3)
+    assert not generate.__globals__["_use_static"](deeper, "auto", True, True, None, torch.device("cuda"))
