@@ -130,3 +130,44 @@ def test_auto_takes_the_eager_engine_on_cpu_and_for_max_iter_3():
     assert generate.__globals__["_use_static"](model, "auto", True, True, None, torch.device("cuda"))
     deeper = tiny_tah(decider="random", random_rate=0.3, max_iter=3)
     assert not generate.__globals__["_use_static"](deeper, "auto", True, True, None, torch.device("cuda"))
+
+
+def _loaded_runner(model, ids, mask):
+    runner = static_engine.StaticRunner(model, ids.shape[0], 255, torch.float32, torch.device("cpu"), graphs=False)
+    prefill = static_engine.TaHCache(capacity=ids.shape[1])
+    out = model(ids, attention_mask=mask, past_key_values=prefill, use_cache=True, logits_to_keep=1)
+    runner.load(prefill, out.logits[:, -1].argmax(-1), prefill.seen, torch.ones(ids.shape[0], dtype=torch.bool))
+    return runner
+
+
+@torch.no_grad()
+def test_steps_compile_as_whole_graphs_without_recompiling():
+    """What CUDA graphs need, checked where torch.compile can see it: each step is one graph
+    (fullgraph: no host read, no data-dependent Python), compiled once over 64 steps of either
+    kind, and it computes what the uncompiled step does."""
+    model = strong_model(decider="mlp")
+    model.set_threshold(0.4)
+    ids, mask = left_padded([5, 7], seed=4)
+    compiled, plain = _loaded_runner(model, ids, mask), _loaded_runner(model, ids, mask)
+    graphs, deep_tokens = [], 0
+
+    def count(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    try:
+        steps = {kind: torch.compile(getattr(compiled, "_" + kind), fullgraph=True, backend=count)
+                 for kind in ("plain", "fused")}
+        model.depth_state.device_only = True
+        for i in range(64):
+            kind = "fused" if i % 3 == 0 else "plain"
+            steps[kind]()
+            getattr(plain, "_" + kind)()
+            assert torch.equal(compiled.out, plain.out), f"step {i}"
+            deep_tokens += int((plain.out[:, 0] != static_engine.NONE).sum())
+    finally:
+        model.depth_state.device_only = False
+        torch._dynamo.reset()
+    assert len(graphs) == 2
+    assert deep_tokens > 0  # fused steps finished hard tokens

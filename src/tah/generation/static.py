@@ -22,6 +22,7 @@ eager engine (`engine.py`) otherwise. On CPU the same steps run without graphs (
 from __future__ import annotations
 
 import time
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -112,7 +113,14 @@ class StaticRunner:
             return
         graph = self._graphs.get(kind)
         if graph is None:
-            graph = self._graphs[kind] = self._capture(kind)
+            try:
+                graph = self._graphs[kind] = self._capture(kind)
+            except RuntimeError as error:  # an op that cannot be captured: go on without graphs, and say so
+                warnings.warn(f"tah: CUDA graph capture of the {kind} decode step failed ({error}); "
+                              "decoding goes on without CUDA graphs (slower)", stacklevel=2)
+                self.graphs = False
+                self._run(kind)
+                return
         graph.replay()
 
     def _run(self, kind: str) -> None:
@@ -133,16 +141,18 @@ class StaticRunner:
         changes (tags, fills, the rows' state; keys and values are written at free slots only) is
         put back afterwards."""
         saved = self._state()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._run(kind)
-        torch.cuda.current_stream().wait_stream(side)
-        self._restore(saved)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._run(kind)
-        self._restore(saved)  # capture runs nothing, but be plain about it
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._run(kind)
+            torch.cuda.current_stream().wait_stream(side)
+            self._restore(saved)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._run(kind)
+        finally:
+            self._restore(saved)  # capture itself runs nothing, but a failed warm-up may have
         return graph
 
     def _state(self) -> list[torch.Tensor]:

@@ -154,13 +154,14 @@ class DepthLoRALinear(nn.Module):
         own dicts: their indexing costs ~5 us a call). A's view follows A's in-place changes;
         moves and casts drop what is kept (see _apply)."""
         index = self.adapter_index(depth)
-        if not torch.is_grad_enabled():
+        plain_views = torch.is_grad_enabled() or self._state.device_only  # (a static engine's graph captures them)
+        if not plain_views:
             kept = self._inference[index]
             if kept is not None and kept[0] == kept[3]._version:
                 return kept[1], kept[2]
         key = self._keys[index]
         a, b = self.lora_A._parameters[key], self.lora_B._parameters[key]
-        if torch.is_grad_enabled():
+        if plain_views:
             return a.t(), b.t()
         b_plain = b.detach()  # shares B's version counter: an in-place change shows
         self._inference[index] = (b_plain._version, a.detach().t(), b_plain.t().contiguous(), b_plain)
@@ -246,7 +247,8 @@ class DepthLoRALinear(nn.Module):
         assignment is seen), so a decode step's linear makes no checks or lookups beyond this."""
         params = self._base_params
         weight, bias = params["weight"], params.get("bias")
-        if weight.device.type != "cpu":  # few_rows is for CPUs; the module call runs its hooks (ZeRO-3 gathering)
+        if weight.device.type != "cpu" or self._state.device_only:
+            # few_rows is for CPUs' eager decoding; the module call runs its hooks (ZeRO-3's gathering)
             return self.base_layer(x)
         kept = self._plans.get(x.shape)
         if kept is not None and kept[1] is weight and kept[2] is bias and kept[3] == x.dtype \
