@@ -95,7 +95,8 @@ def masked_attention_gpu(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         bias = packed_mask(bias, groups)
     with sdpa_kernel(GPU_MASKED_BACKENDS):
         out = F.scaled_dot_product_attention(packed, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
-    return out.view(batch, heads, queries, dim).transpose(1, 2).contiguous()
+    # reshape, not view: CUDA's kernels may return the (B, KV, groups * A, D) output in another layout
+    return out.reshape(batch, heads, queries, dim).transpose(1, 2).contiguous()
 
 
 def _in_dtype(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Issue 26's GPU checks in one run (the device tool's H200, or any CUDA machine with torch and
+# transformers installed): the environment, `pytest -m gpu`, then benchmarks/bench_gpu.py.
+# Usage: bash benchmarks/gpu_session.sh [BENCH_BUDGET_S]   (logs and JSON under $OUT, else ./gpu-out;
+# BENCH_ARGS="--smoke --device cpu" dry-runs it on a CPU)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+budget=${1:-270}
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm --format=csv
+python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, \
+'| cuda', torch.version.cuda, torch.cuda.is_available())"
+start=$SECONDS
+timeout 150 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rfEs 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
+echo "pytest -m gpu: $((SECONDS - start)) s"
+start=$SECONDS
+timeout $((budget + 40)) python3 benchmarks/bench_gpu.py --budget-s "$budget" --out "$OUT/bench_gpu.json" ${BENCH_ARGS:-} \
+  > "$OUT/bench_gpu.log" 2>&1
+echo "bench_gpu.py: exit $?, $((SECONDS - start)) s"
+grep -E "Error|error|SKIPPED|Traceback" "$OUT/bench_gpu.log" | head -20
+tail -c 7000 "$OUT/bench_gpu.log"
