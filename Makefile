@@ -10,12 +10,30 @@ $(BIN)/tah: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(BIN)/tah
 
-.PHONY: demo test lint
+# The lower bounds: a second venv with pyproject.toml's oldest transformers, accelerate, datasets,
+# safetensors, rich and tqdm (each `>=X` there installed as `==X`), for the tests that lean on them.
+LOWER := .venv-lower
+LOWER_BIN := $(LOWER)/bin
+LOWER_PINS = $(shell sed -n 's/^ *"\(transformers\|accelerate\|datasets\|safetensors\|rich\|tqdm\)>=\([^"]*\)",*$$/\1==\2/p' pyproject.toml)
+LOWER_TESTS := tests/test_parity_upstream.py tests/test_generation.py tests/test_training.py tests/test_train.py \
+	tests/test_hf_compat.py tests/test_checkpoint.py
+
+$(LOWER_BIN)/tah: pyproject.toml
+	test -x $(LOWER_BIN)/python || $(PY) -m venv $(LOWER)
+	$(LOWER_BIN)/python -c "import torch" 2>/dev/null || $(LOWER_BIN)/pip install -q "torch==2.13.0" || $(LOWER_BIN)/pip install -q "torch>=2.6"
+	$(LOWER_BIN)/pip install -q -e ".[test]" $(LOWER_PINS)
+	touch $(LOWER_BIN)/tah
+
+.PHONY: demo test test-lower lint
 demo: $(BIN)/tah
 	$(BIN)/tah demo
 
 test: $(BIN)/tah
 	$(BIN)/python -m pytest
+
+test-lower: $(LOWER_BIN)/tah
+	$(LOWER_BIN)/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(LOWER_BIN)/python -m pytest $(LOWER_TESTS)
 
 lint: $(BIN)/tah
 	$(BIN)/ruff check src tests benchmarks

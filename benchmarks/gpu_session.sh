@@ -2,7 +2,7 @@
 # Issue 26's GPU checks in one run (the device tool's H200, or any CUDA machine with torch and
 # transformers installed): the environment, `pytest -m gpu`, then benchmarks/bench_gpu.py.
 # Usage: bash benchmarks/gpu_session.sh [BENCH_BUDGET_S]   (logs and JSON under $OUT, else ./gpu-out;
-# BENCH_ARGS="--smoke --device cpu" dry-runs it on a CPU)
+# BENCH_ARGS="--smoke --device cpu" dry-runs it on a CPU; PROFILE=1 adds profile_gpu_train.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -21,3 +21,9 @@ timeout $((budget + 40)) python3 benchmarks/bench_gpu.py --budget-s "$budget" --
 echo "bench_gpu.py: exit $?, $((SECONDS - start)) s"
 grep -E "Error|error|SKIPPED|Traceback" "$OUT/bench_gpu.log" | head -20
 tail -c 7000 "$OUT/bench_gpu.log"
+if [ -n "${PROFILE:-}" ]; then  # where a stage-1 step's time goes (host vs device), after the bench
+  start=$SECONDS
+  timeout 120 python3 benchmarks/profile_gpu_train.py --top 12 > "$OUT/profile_train.log" 2>&1
+  echo "profile_gpu_train.py: exit $?, $((SECONDS - start)) s"
+  grep -E "^== stage" "$OUT/profile_train.log"
+fi

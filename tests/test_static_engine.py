@@ -157,17 +157,31 @@ def test_steps_compile_as_whole_graphs_without_recompiling():
 
     torch._dynamo.reset()
     try:
-        steps = {kind: torch.compile(getattr(compiled, "_" + kind), fullgraph=True, backend=count)
-                 for kind in ("plain", "fused")}
-        model.depth_state.device_only = True
+        step = torch.compile(compiled._run, fullgraph=True, backend=count)
         for i in range(64):
             kind = "fused" if i % 3 == 0 else "plain"
-            steps[kind]()
-            getattr(plain, "_" + kind)()
+            step(kind)
+            plain._run(kind)
             assert torch.equal(compiled.out, plain.out), f"step {i}"
             deep_tokens += int((plain.out[:, 0] != static_engine.NONE).sum())
     finally:
-        model.depth_state.device_only = False
         torch._dynamo.reset()
     assert len(graphs) == 2
     assert deep_tokens > 0  # fused steps finished hard tokens
+
+
+def test_the_decoder_reads_the_device_once_a_step(monkeypatch):
+    """Issue 26's rule for decode steps: one host sync a step (the emitted tokens), whatever the
+    step's kind; prefill's reads come once per call."""
+    model = strong_model(rate=0.5)
+    ids, mask = left_padded([5, 7], seed=4)
+    generate(model, ids, mask, max_new_tokens=4, engine="static")  # warm: few_rows' trials read timings
+    counter = _SyncCounter(monkeypatch)
+    reads, forwards = [], []
+    for new in (10, 30):
+        before = counter.count
+        out = generate(model, ids, mask, max_new_tokens=new, engine="static")
+        reads.append(counter.count - before)
+        forwards.append(out.stats.forwards)
+    assert out.stats.deep_steps > 0 and out.stats.shallow_steps > 0
+    assert reads[1] - reads[0] == forwards[1] - forwards[0]

@@ -13,11 +13,12 @@ import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, TrainingArguments
 
-from conftest import tiny_lm
+from conftest import tiny_lm, tiny_tah
 from tah import ConfigError, TaHForCausalLM
 from tah.cli import main
+from tah.train import trainer as trainer_module
 from tah.train.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu"
@@ -202,6 +203,55 @@ def test_stage1_trains_in_bf16_as_the_paper_recipes_do(workspace):
     losses = train_losses(record)
     assert len(losses) == 3 and all(loss == loss and loss < 10 for loss in losses), losses  # finite, sane
     assert TaHForCausalLM.from_pretrained(out / "final").lm.dtype == torch.float32
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+HOST_READS = ("cpu", "item", "tolist", "numpy", "to", "__bool__", "__int__", "__float__")
+
+
+def test_steps_keep_metrics_on_the_device_and_the_log_reads_them(tmp_path, monkeypatch):
+    """compute_loss sums its counters where the batch is, reading nothing back (each read is a host
+    sync on a GPU); the next log reads them once and reports the same metrics as counting by hand."""
+    model = tiny_tah(training_stage=2).train()  # stage 2: the decider's scores feed all six counters
+    trainer = trainer_module.TaHTrainer(model=model, args=TrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, logging_strategy="no"))
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    iter_labels = torch.where(torch.rand(2, 9, generator=gen) < 0.4, 2, 1).masked_fill(mask == 0, -100)
+    inputs = {"input_ids": torch.randint(3, 64, (2, 9), generator=gen), "attention_mask": mask,
+              "iter_labels": iter_labels}
+    reads = []
+
+    def spy(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename == trainer_module.__file__:
+                reads.append(name)
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in HOST_READS:
+        spy(name)
+    for _ in range(2):
+        trainer.compute_loss(model, inputs)
+    assert reads == []
+    monkeypatch.undo()
+
+    with torch.no_grad():
+        out = model(**inputs)
+    predicted = torch.sigmoid(out.decider_logits) > model.tah_config.threshold
+    target = out.decider_targets.bool()
+    trainer.log({"loss": 1.0})
+    logged = trainer.state.log_history[-1]
+    assert logged["iterated"] == pytest.approx(int((iter_labels == 2).sum()) / int(mask.sum()))
+    assert logged["decider_accuracy"] == pytest.approx(float((predicted == target).float().mean()))
+    tp = int((predicted & target).sum())
+    assert logged["decider_precision"] == pytest.approx(tp / int(predicted.sum()) if predicted.any() else 0.0)
+    assert logged["decider_recall"] == pytest.approx(tp / int(target.sum()))
+    trainer.log({"loss": 1.0})  # nothing counted since: zeros, not the previous sums
+    assert trainer.state.log_history[-1]["iterated"] == 0.0 and "decider_accuracy" not in trainer.state.log_history[-1]
 
 
 # -- faults ----------------------------------------------------------------------------------------

@@ -126,10 +126,11 @@ class StaticRunner:
     def _run(self, kind: str) -> None:
         state = self.model.depth_state
         state.device_only = True  # the LoRA linears read no tags on the host
+        state.column_hint = (0, 1)  # a fused step's deep queries: column 0, depth 1 (max_iter 2)
         try:
             self._fused() if kind == "fused" else self._plain()
         finally:
-            state.device_only = False
+            state.device_only, state.column_hint = False, None
 
     def grow(self, capacity: int) -> None:
         """More slots a row; the graphs are captured anew over the new buffers."""
@@ -214,7 +215,7 @@ class StaticRunner:
         decider = self.model.decider
         positions = self.position[:, None]
         if isinstance(decider, RandomDecider):  # its hash, not its lookup table (which reads sizes on the host)
-            return decider.draw(positions, 0)[:, 0]
+            return decider.draw(positions, torch.zeros_like(positions))[:, 0]  # (a tensor depth: no host copy)
         states = None if hidden is None else tuple(h if h is None else h[:, column:column + 1] for h in hidden)
         go_on, _ = decider(logits[:, None], states, positions, 0)
         return go_on[:, 0]

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from tah.errors import ConfigError
+from tah.model.sdpa import NAME as TAH_SDPA
+
 
 def duo_causal_visible(q_pos: torch.Tensor, q_depth: int | torch.Tensor, k_pos: torch.Tensor,
                        k_depth: torch.Tensor, k_valid: torch.Tensor) -> torch.Tensor:
@@ -28,3 +31,21 @@ def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
     return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
+
+
+# HF attention implementations that apply a 4D additive mask as given (ours is `sdpa`'s, see sdpa.py).
+# Flash kernels take padding masks only, paged ones their own cache, and flex_attention crashed on
+# CPU with such a mask (torch 2.13).
+TAKES_ADDITIVE_MASK = ("sdpa", "eager", TAH_SDPA)
+
+
+def check_attn_implementation(config) -> None:
+    """Raise `ConfigError` when the model's HF config selects an attention implementation that cannot
+    take the duo-causal mask (which TaH passes as a ready (B, 1, A, S) additive tensor)."""
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation is not None and implementation not in TAKES_ADDITIVE_MASK:
+        raise ConfigError(
+            f"attn_implementation={implementation!r} cannot apply TaH's duo-causal attention mask (an additive "
+            "(batch, 1, queries, keys) tensor); load the base model with attn_implementation=\"sdpa\" (HF's default; "
+            "on CUDA its flash kernel still runs the unmasked depth-0 passes) or \"eager\""
+        )

@@ -39,6 +39,9 @@ class DepthState:
         # True while a static-shape engine runs (CUDA graphs may capture its passes): no host reads
         # of the tags, on any device
         self.device_only = False
+        # (column, depth) when a static engine's mixed-depth passes hold every deeper query in that
+        # column of every row (its fused step): the linears' one-column path, without reading tags
+        self.column_hint: tuple[int, int] | None = None
 
     def set(self, depth: int | torch.Tensor, dtype: torch.dtype | None = None,
             real: torch.Tensor | None = None) -> None:
@@ -61,6 +64,11 @@ class DepthState:
                 return
         if isinstance(depth, int):
             self.plain = depth == 0
+            return
+        if device_only and self.column_hint is not None:
+            column, deep = self.column_hint
+            self.selections = {deep: column}
+            self.one_column = self.column_hint
             return
         if device_only:  # no reads of the tags: a mask per depth, built on the device
             for d in range(1, self.deepest + 1):  # (a host sync each read would cost; CUDA graphs forbid it)

@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, output_capturing
 
 from tah.config import TaHConfig
 from tah.errors import ConfigError, InputError
 from tah.model import few_rows
+from tah.model.attention import check_attn_implementation
 from tah.model.cache import TaHCache
 from tah.model.decider import Decider, MLPDecider, build_decider
 from tah.model.lora import DepthLoRALinear, DepthState, add_depth_lora
@@ -34,6 +35,10 @@ from tah.model.soft_input import soft_embedding, soft_embedding_of_top
 # transformers 5.24 renamed `past_key_values` to `cache` (model arguments and output fields); the
 # older name is deprecated there. The wrapped model is called with whichever its version uses.
 HF_CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# From transformers 5.23 `output_hidden_states=[indices]` keeps the usual numbering (0 = embeddings) and
+# captures only those. Before, a list counted decoder layers and never held the embeddings; there we ask
+# for all hidden states: the same tuple, fixed per process (no per-call probing, nothing data-dependent).
+HF_SELECTS_HIDDEN = hasattr(output_capturing, "resolve_hidden_states_indices")
 
 
 @dataclass
@@ -89,12 +94,14 @@ class TaHForCausalLM(nn.Module):
                 f"{type(lm).__name__} uses sliding-window attention layers, which the duo-causal attention "
                 "does not implement yet; use a model with full attention (e.g. Qwen3, Llama)"
             )
+        check_attn_implementation(text_config)
         use_tah_sdpa(lm)  # HF's sdpa without its KV-head copies under a mask on CPU
         self.lm = lm
         self.tah_config = config
         self.num_layers = text_config.num_hidden_layers
         self.max_positions = getattr(text_config, "max_position_embeddings", None)
         self.depth_state = DepthState()
+        self.depth_state.deepest = max(config.max_iter - 1, 1)
         self.use_shared_head = True  # see shared_head.py; False: each pass runs its own LM head (for comparisons)
         self.lora: dict[str, DepthLoRALinear] = {}
         if config.max_iter > 1:
@@ -206,7 +213,7 @@ class TaHForCausalLM(nn.Module):
         self._check_labels(input_ids, iter_labels, "iter_labels")
         cache = cache if cache is not None else past_key_values if past_key_values is not None else TaHCache()
         positions = cache.positions_for(valid)
-        self._check_positions(positions)
+        self._check_positions(positions, fresh=cache.seen is None)
         stage2 = self.tah_config.training_stage == 2 and iter_labels is not None
         frozen = torch.no_grad() if stage2 else nullcontext()
         max_iter = self.tah_config.max_iter
@@ -365,7 +372,8 @@ class TaHForCausalLM(nn.Module):
         # at 9-12 rows took longer than at 16 (10.8 vs 7.4 ms, in-loop profile)
         self.depth_state.set(depth, inputs.dtype, real)
         mask = cache.begin_pass(positions, depth, real, inputs.dtype)
-        wanted = list(self.decider.needs_hidden) if need_hidden else []
+        wanted = self.decider.needs_hidden if need_hidden else ()
+        wanted = (list(wanted) if HF_SELECTS_HIDDEN else True) if wanted else False
         # A decode step on CPU runs the LM head itself too, as few_rows chooses (HF's head is F.linear)
         own_head = head is not None or need is not None or self._few_rows_head(positions)
         # Our own head takes the decoder's final-norm output: the inner model is called, so HF's
@@ -373,7 +381,7 @@ class TaHForCausalLM(nn.Module):
         model = self._decoder() if own_head else self.lm
         extra = {} if own_head else {"logits_to_keep": 0}
         out = model(inputs_embeds=inputs, position_ids=positions, attention_mask=mask, **{HF_CACHE_ARG: cache},
-                    use_cache=True, output_hidden_states=wanted or False, **extra)
+                    use_cache=True, output_hidden_states=wanted, **extra)
         self.depth_state.set(0)
         if not own_head:
             return out.logits, out.hidden_states
@@ -441,7 +449,10 @@ class TaHForCausalLM(nn.Module):
         if labels is not None and labels.shape != input_ids.shape:
             raise InputError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}; got {tuple(labels.shape)}")
 
-    def _check_positions(self, positions: torch.Tensor) -> None:
+    def _check_positions(self, positions: torch.Tensor, fresh: bool) -> None:
+        # From an empty cache every position is below the length: no need to read them (a host sync)
+        if fresh and positions.shape[-1] <= (self.max_positions or 0):
+            return
         if self.max_positions is not None and positions.numel() and int(positions.max()) >= self.max_positions:
             raise InputError(
                 f"sequence reaches position {int(positions.max())} but the model supports at most "

@@ -30,7 +30,8 @@ class TaHTrainer(Trainer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.loss_is_scaled_for_ga = self.model.tah_config.training_stage == 1
-        self._counts = {"train": torch.zeros(len(COUNTERS)), "eval": torch.zeros(len(COUNTERS))}
+        # COUNTERS summed since the last log, on the batches' device: read (one host sync) only when logging
+        self._counts: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self._staging_root: str | None = None
 
     # -- loss and metrics ----------------------------------------------------------------------
@@ -55,14 +56,19 @@ class TaHTrainer(Trainer):
             counts += [(predicted & target).sum(), (predicted & ~target).sum(), (~predicted & target).sum(),
                        (~predicted & ~target).sum()]
         else:
-            counts += [torch.zeros((), dtype=torch.long)] * 4
-        self._counts["train" if self.model.training else "eval"] += torch.stack([c.cpu().float() for c in counts])
+            counts += [real.new_zeros((), dtype=torch.long)] * 4
+        split = "train" if self.model.training else "eval"
+        step = torch.stack(counts)  # (6,) int64 where the batch is: summed without waiting on the device
+        self._counts[split] = step if self._counts[split] is None else self._counts[split].add_(step)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         split = "eval" if any(key.startswith("eval_") for key in logs) else "train" if "loss" in logs else None
         if split is not None:
-            totals = self.accelerator.reduce(self._counts[split].to(self.accelerator.device), reduction="sum").cpu()
-            self._counts[split].zero_()
+            counts = self._counts[split]
+            counts = torch.zeros(len(COUNTERS), dtype=torch.long) if counts is None else counts
+            # every process reduces (even one with no batch since the last log); .cpu() is the one sync
+            totals = self.accelerator.reduce(counts.to(self.accelerator.device), reduction="sum").cpu()
+            self._counts[split] = None
             logs.update({("eval_" if split == "eval" else "") + k: v for k, v in _metrics(totals).items()})
         super().log(logs, start_time)
 

@@ -1,0 +1,89 @@
+"""bench_gpu.py --smoke: every row of both tables runs on CPU on a tiny shape, its figures sane.
+
+Timings are not checked (a smoke run's figures are noise); that every row is there, ran as asked (no
+EOS stop, the share it claims iterated) and gave positive finite figures is."""
+
+import inspect
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tah
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_gpu") / "figures.json"
+    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--device", "cpu", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    return run.stdout, json.loads(out.read_text())
+
+
+def expected_decode_rows(batches):
+    one, many = batches
+    rows = {(b, key) for b in batches for key in ("hf_eager", "hf_static", "never", "10%", "always")}
+    rows |= {(one, f"10%_drafts{k}") for k in (1, 2, 4)}
+    if "engine" in inspect.signature(tah.generate).parameters:
+        rows |= {(b, key) for b in batches for key in ("10%_eager", "never_eager")}
+    return rows
+
+
+def positive(value) -> bool:
+    return isinstance(value, float | int) and math.isfinite(value) and value > 0
+
+
+def test_every_row_of_both_tables_is_measured(smoke):
+    stdout, figures = smoke
+    assert figures["errors"] == []
+    assert all("engine=" in s["reason"] for s in figures["skipped"])  # only rows this tah cannot run
+    setup = figures["environment"]["setup"]
+    decode = {(r["batch"], r["key"]): r for r in figures["decode"]}
+    assert set(decode) == expected_decode_rows(setup["batches"])
+    assert [r["key"] for r in figures["train"]] == ["sft", "stage1_0%", "stage1_10%", "stage2"]
+    assert "decode: prompt" in stdout and "training step: batch" in stdout
+    for r in figures["decode"]:
+        assert r["label"] in stdout
+
+
+def test_decode_figures_are_sane_ratios(smoke):
+    _, figures = smoke
+    new = figures["environment"]["setup"]["new_tokens"]
+    for r in figures["decode"]:
+        name = f"batch {r['batch']} {r['key']}"
+        assert r["new_tokens_made"] == new, name  # no EOS stop: every run makes them all
+        assert r["runs"] >= 1 and positive(r["tokens_per_s"]), name
+        assert positive(r["vs_hf_eager"]) and positive(r["vs_hf_static"]), name
+        if r["kind"] == "tah":
+            assert r["engine_used"] in ("eager", "static"), name
+            assert positive(r["kv_vs_base"]), name
+            if r["key"] != "never":
+                assert positive(r["vs_never"]), name
+            if r["rate"] is not None and r["key"] != "never_eager":
+                assert positive(r["kv_bytes_vs_never"]), name
+        else:
+            assert r["engine_used"] == "hf"
+    decode = {(r["batch"], r["key"]): r for r in figures["decode"]}
+    for batch in figures["environment"]["setup"]["batches"]:
+        assert decode[batch, "never"]["iterated"] == 0.0
+        assert decode[batch, "always"]["iterated"] == 1.0
+        assert 0.0 < decode[batch, "10%"]["iterated"] < 0.5
+        assert "compiled" not in decode[batch, "hf_static"] and "compile skipped on cpu" in decode[batch, "hf_static"]["note"]
+
+
+def test_training_figures_are_sane_ratios(smoke):
+    _, figures = smoke
+    rows = {r["key"]: r for r in figures["train"]}
+    for key, r in rows.items():
+        assert r["steps"] >= 1 and positive(r["tokens_per_s"]) and positive(r["vs_sft"]), key
+        assert math.isfinite(r["loss"]), key
+        assert r["peak_bytes"] is None and r["peak_vs_sft"] is None  # CPU: no allocator peak
+    assert rows["sft"]["vs_sft"] == 1.0
+    assert rows["stage1_10%"]["trainable_params"] > rows["sft"]["trainable_params"]  # the base and the LoRA
+    assert rows["stage2"]["loss"] != rows["stage1_10%"]["loss"]  # the decider's BCE, not the LM's CE
