@@ -2,7 +2,7 @@
 # Issue 26's GPU checks in one run (the device tool's H200, or any CUDA machine with torch and
 # transformers installed): the environment, `pytest -m gpu`, then benchmarks/bench_gpu.py.
 # Usage: bash benchmarks/gpu_session.sh [BENCH_BUDGET_S]   (logs and JSON under $OUT, else ./gpu-out;
-# BENCH_ARGS="--smoke --device cpu" dry-runs it on a CPU; PROFILE=1 adds profile_gpu_train.py)
+# BENCH_ARGS="--smoke --device cpu" dry-runs it on a CPU; PROFILE=1 adds profile_gpu_train.py and profile_gpu_decode.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -26,4 +26,5 @@ if [ -n "${PROFILE:-}" ]; then  # where a stage-1 step's time goes (host vs devi
   timeout 120 python3 benchmarks/profile_gpu_train.py --top 12 > "$OUT/profile_train.log" 2>&1
   echo "profile_gpu_train.py: exit $?, $((SECONDS - start)) s"
   grep -E "^== stage" "$OUT/profile_train.log"
+  timeout 90 python3 benchmarks/profile_gpu_decode.py 2>&1 | tee "$OUT/profile_decode.log" | tail -4
 fi

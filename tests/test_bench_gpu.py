@@ -87,3 +87,16 @@ def test_training_figures_are_sane_ratios(smoke):
     assert rows["sft"]["vs_sft"] == 1.0
     assert rows["stage1_10%"]["trainable_params"] > rows["sft"]["trainable_params"]  # the base and the LoRA
     assert rows["stage2"]["loss"] != rows["stage1_10%"]["loss"]  # the decider's BCE, not the LM's CE
+
+
+@pytest.mark.parametrize("script, args, expected", [
+    ("profile_gpu_decode.py", ["--replays", "2"], ["batch 1: prefill", "batch 2: prefill", "fused step"]),
+    ("profile_gpu_train.py", ["--top", "3"], ["== stage 1, 0% hard", "== stage 1, 10% hard", "aten ops"]),
+])
+def test_gpu_profiles_run_in_smoke_mode(script, args, expected):
+    """The profiling scripts gpu_session.sh runs on a GPU (PROFILE=1) work end to end on a tiny shape."""
+    run = subprocess.run([sys.executable, str(BENCH.parent / script), "--smoke", *args],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    for text in expected:
+        assert text in run.stdout

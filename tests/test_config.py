@@ -101,6 +101,33 @@ def test_invalid_value_is_rejected_by_from_dict_and_replace(field, value):
         TaHConfig().replace(**{field: value})
 
 
+def test_numbers_in_any_spelling_and_single_items_are_accepted():
+    cfg = TaHConfig(max_iter="3", input_topk=" 8 ", lora_rank=4.0, lora_alpha="1e1", threshold="0.5",
+                    pos_weight=5, decider_hidden_dims=32, decider_layers="0, 2", lora_target_modules="q_proj")
+    assert cfg.max_iter == 3 and type(cfg.max_iter) is int
+    assert (cfg.input_topk, cfg.lora_rank) == (8, 4) and type(cfg.lora_rank) is int
+    assert cfg.lora_alpha == 10.0 and cfg.threshold == 0.5 and type(cfg.pos_weight) is float
+    assert cfg.decider_hidden_dims == [32] and cfg.decider_layers == [0, 2]
+    assert cfg.lora_target_modules == ["q_proj"]
+    assert TaHConfig(lora_target_modules="q_proj,v_proj").lora_target_modules == ["q_proj", "v_proj"]
+    for field, value in [("max_iter", "2.5"), ("max_iter", True), ("lora_alpha", "1e-4x"), ("threshold", "nan")]:
+        with pytest.raises(ConfigError, match=field):
+            TaHConfig(**{field: value})
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("decider_hidden_dims", None, "integer"),  # was a raw TypeError from list(None)
+    ("decider_hidden_dims", 1.5, "integer"),
+    ("decider_layers", [[1]], "list of integers"),
+    ("lora_target_modules", 5, "string"),
+    ("decider_hidden_dims", "32, x", "integer"),  # was split into characters
+])
+def test_non_numbers_and_wrong_shapes_raise_config_error_naming_the_field(field, value, expected):
+    with pytest.raises(ConfigError, match=field) as info:
+        TaHConfig(**{field: value})
+    assert expected in str(info.value)
+
+
 def test_bad_decider_message_lists_the_allowed_values():
     with pytest.raises(ConfigError) as info:
         TaHConfig(decider="foo")

@@ -99,6 +99,13 @@ def test_every_shipped_recipe_loads():
     ("tah.max_iter=0", "max_iter"),
     ("stage=3", "stage"),
     ("training.effective_batch_size=6", "effective_batch_size"),
+    ("tah.decider_hidden_dims=1.5", "tah.decider_hidden_dims"),  # these were raw TypeErrors
+    ("tah.lora_target_modules=7", "tah.lora_target_modules"),
+    ("tah.decider_layers=[2", "tah.decider_layers"),  # a raw YAMLError
+    ("training.seed=-1", "training.seed"),  # these were accepted, to fail deep inside the run
+    ("training.weight_decay=-0.1", "training.weight_decay"),
+    ("training.save_total_limit=0", "training.save_total_limit"),
+    ("training.dataloader_num_workers=-1", "training.dataloader_num_workers"),
 ])
 def test_bad_recipe_fails_before_any_model_loads(setting, named, monkeypatch, capsys):
     def no_model(*args, **kwargs):
@@ -110,6 +117,39 @@ def test_bad_recipe_fails_before_any_model_loads(setting, named, monkeypatch, ca
         load_recipe(RECIPES / "stage1.yaml", [setting])
     assert main(["train", "--config", str(RECIPES / "stage1.yaml"), "--set", setting]) == 2
     assert named in capsys.readouterr().err
+
+
+def test_numbers_in_any_spelling_are_accepted_from_set():
+    sets = ["training.learning_rate=1e-4", "training.max_grad_norm=1", "training.max_steps=1e3",
+            "tah.max_iter='3'", "tah.lora_alpha=\"16\""]
+    recipe = load_recipe(RECIPES / "stage1.yaml", sets)
+    assert recipe.training.learning_rate == 1e-4 and recipe.training.max_grad_norm == 1.0
+    assert type(recipe.training.max_grad_norm) is float and recipe.training.max_steps == 1000
+    assert recipe.tah["max_iter"] == 3 and recipe.tah["lora_alpha"] == 16.0  # typed for run.py's comparisons
+    assert recipe.tah_config().max_iter == 3
+
+
+def test_yaml_recipe_spellings_are_accepted(tmp_path):
+    text = (RECIPES / "stage1.yaml").read_text()
+    for old, new in [("learning_rate: 1.0e-2", "learning_rate: 1e-2"), ("max_iter: 2", 'max_iter: "2"'),
+                     ("decider_hidden_dims: [32]", "decider_hidden_dims: 32\n  lora_target_modules: q_proj")]:
+        assert old in text
+        text = text.replace(old, new)
+    (tmp_path / "r.yaml").write_text(text)
+    recipe = load_recipe(tmp_path / "r.yaml")
+    assert recipe.training.learning_rate == 1e-2
+    config = recipe.tah_config()
+    assert (config.max_iter, config.decider_hidden_dims, config.lora_target_modules) == (2, [32], ["q_proj"])
+
+
+@pytest.mark.parametrize("key", ["model", "tokenizer", "data", "eval_data"])
+def test_a_missing_path_is_named_before_anything_loads(key, tmp_path, capsys):
+    paths = {"model": tmp_path, "data": tmp_path, "output_dir": tmp_path / "out", key: tmp_path / "nowhere"}
+    args = [arg for name, value in paths.items() for arg in ("--set", f"{name}={value}")]
+    assert main(["train", "--config", str(RECIPES / "stage1.yaml"), *args]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}: no such" in err and str(tmp_path / "nowhere") in err
+    assert "huggingface" not in err.lower()
 
 
 def test_stage1_needs_labelled_data(workspace, tmp_path, capsys):

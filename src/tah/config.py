@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,10 +46,9 @@ class TaHConfig:
     pos_weight: float = 5.0  # stage 2 BCE weight of the "continue" class
 
     def __post_init__(self) -> None:
-        self.lora_target_modules = list(self.lora_target_modules)
-        self.decider_hidden_dims = list(self.decider_hidden_dims)
-        if self.decider_layers is not None:
-            self.decider_layers = list(self.decider_layers)
+        hints = type_hints(TaHConfig)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, coerce(getattr(self, f.name), hints[f.name], f.name))
         self.validate()
 
     def validate(self) -> None:
@@ -115,6 +118,92 @@ class TaHConfig:
             raise ConfigError(f"TaHConfig JSON is not valid JSON: {err}") from err
         values.pop("tah_format", None)
         return cls.from_dict(values)
+
+
+@functools.cache
+def type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def coerce(value: Any, hint: Any, name: str) -> Any:
+    """`value` as the annotated type `hint` (int, float, str, bool, list[X], dict, or X | None), or a
+    `ConfigError` naming `name` and the form expected. Numbers may be strings in any common spelling
+    ("1e-4", "2": YAML 1.1 reads 1e-4 as a string), an int stands for a float and an integral float
+    for an int; a single item, or a comma-separated string, stands for a list."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(o for o in options if o is not type(None))
+    origin = typing.get_origin(hint) or hint
+    if origin is list:
+        return _as_list(value, (typing.get_args(hint) or (Any,))[0], name)
+    if origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{name} must be a mapping (key: value, ...); got {_shown(value)}")
+    cast = {int: _as_int, float: _as_float, str: _as_str, bool: _as_bool}.get(hint)
+    return cast(value, name) if cast else value
+
+
+def _as_list(value: Any, item: Any, name: str) -> list:
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",")]
+    elif not isinstance(value, list | tuple):
+        value = [value]  # a single item
+    kind = {int: "integers, e.g. [32, 64]", str: "names, e.g. [q_proj, v_proj]"}.get(item, "values")
+    items = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, list | tuple | dict):
+            raise ConfigError(f"{name} must be a list of {kind}; got {_shown(value)}")
+        items.append(coerce(entry, item, f"{name}[{i}]"))
+    return items
+
+
+def _number(value: Any) -> int | float | None:
+    """The finite number `value` spells (an int, a float or a numeric string), else None."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _as_int(value: Any, name: str) -> int:
+    number = _number(value)
+    if number is None or (isinstance(number, float) and not number.is_integer()):
+        raise ConfigError(f"{name} must be an integer, e.g. 2; got {_shown(value)}")
+    return int(number)
+
+
+def _as_float(value: Any, name: str) -> float:
+    number = _number(value)
+    if number is None:
+        raise ConfigError(f"{name} must be a number, e.g. 0.5 or 1e-4; got {_shown(value)}")
+    return float(number)
+
+
+def _as_str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string; got {_shown(value)}")
+    return value
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false; got {_shown(value)}")
+    return value
+
+
+def _shown(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
 
 
 def _is_int(value: Any) -> bool:

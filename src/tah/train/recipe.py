@@ -10,21 +10,20 @@
     tah: {...}                    # TaHConfig fields (max_iter, lora_rank, decider_layers, ...)
     training: {...}               # TrainingSettings fields below
 
-`--set training.learning_rate=1e-4` overrides one key (the value is parsed as YAML).
+`--set training.learning_rate=1e-4` overrides one key (the value is parsed as YAML). Numbers may be
+written in any common spelling (`1e-4`, `"2"`); a single item stands for a one-item list.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tah.config import TaHConfig
+from tah.config import TaHConfig, coerce, type_hints
 from tah.errors import ConfigError
 
 BASELINES = (None, "standard", "always")
@@ -58,6 +57,7 @@ class TrainingSettings:
     def validate(self) -> None:
         _positive(self, "learning_rate", "per_device_batch_size", "effective_batch_size", "logging_steps",
                   "save_steps")
+        _at_least_zero(self, "weight_decay", "max_grad_norm", "epochs", "seed", "dataloader_num_workers")
         if self.lr_scheduler not in SCHEDULERS:
             raise ConfigError(f"training.lr_scheduler must be one of {list(SCHEDULERS)}; got {self.lr_scheduler!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -66,6 +66,9 @@ class TrainingSettings:
             raise ConfigError(f"training.warmup_ratio must lie in [0, 1); got {self.warmup_ratio}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("set training.epochs > 0 or training.max_steps > 0")
+        for name in ("save_total_limit", "eval_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"training.{name} must be an integer >= 1, or null; got {getattr(self, name)}")
         if self.effective_batch_size % self.per_device_batch_size:
             raise ConfigError(
                 f"training.effective_batch_size ({self.effective_batch_size}) must be a multiple of "
@@ -106,23 +109,28 @@ class Recipe:
             raise ConfigError(f"baseline must be one of {list(BASELINES)}; got {self.baseline!r}")
         if self.baseline and self.stage == 2:
             raise ConfigError(f"baseline {self.baseline!r} has no decider to train: use stage 1")
-        _positive(self, "max_length")
+        _positive(self, "max_length", prefix="")
         self.tah_config()  # raises ConfigError naming a bad tah.* field
         self.training.validate()
 
     def tah_config(self) -> TaHConfig:
         """The TaHConfig this run trains (baselines pin max_iter / decider)."""
-        values = dict(self.tah)
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TaHConfig)})
-        if unknown:
-            raise ConfigError(f"unknown key(s) tah.{', tah.'.join(unknown)}; allowed: "
-                              f"{sorted(f.name for f in dataclasses.fields(TaHConfig))}")
+        values = _tah_section(self.tah)
         if self.baseline == "standard":
             values.update(max_iter=1, decider="never")
         elif self.baseline == "always":
             values.update(decider="always")
         values["training_stage"] = self.stage
         return TaHConfig(**values)
+
+
+def _tah_section(values: dict[str, Any]) -> dict[str, Any]:
+    """The `tah:` keys with their values in TaHConfig's types (so "2" is 2 and q_proj is [q_proj])."""
+    hints = type_hints(TaHConfig)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown key(s) tah.{', tah.'.join(unknown)}; allowed: {sorted(hints)}")
+    return {name: coerce(value, hints[name], f"tah.{name}") for name, value in values.items()}
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -132,17 +140,20 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise ConfigError(f"recipe {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"recipe {path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path} must be a mapping of keys to values")
     for item in overrides or []:
         _apply_override(raw, item)
-    raw.setdefault("training", {})
+    for section in ("tah", "training"):  # a section with every key commented out reads as null
+        if raw.get(section) is None:
+            raw[section] = {}
     if not isinstance(raw["training"], dict):
         raise ConfigError("training must be a mapping (training: {learning_rate: ..., ...})")
     training = _build(TrainingSettings, raw.pop("training"), "training.")
     recipe = _build(Recipe, {**raw, "training": training}, "")
+    recipe.tah = _tah_section(recipe.tah)  # typed once: run.py compares these values with a checkpoint's
     recipe.validate()
     return recipe
 
@@ -154,10 +165,17 @@ def _apply_override(raw: dict, item: str) -> None:
     *parents, leaf = key.split(".")
     node = raw
     for name in parents:
-        node = node.setdefault(name, {})
+        if node.get(name) is None:  # absent, or an empty `tah:` in the YAML
+            node[name] = {}
+        node = node[name]
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {name} is not a section")
-    node[leaf] = yaml.safe_load(text)
+    try:
+        node[leaf] = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        reason = getattr(err, "problem", None) or err
+        raise ConfigError(f"--set {key}: the value {text!r} is not valid YAML ({reason}); quote it or fix "
+                          "the brackets, e.g. --set tah.decider_layers=[2,10]") from err
 
 
 def _build(cls, values: dict, prefix: str):
@@ -167,9 +185,10 @@ def _build(cls, values: dict, prefix: str):
     if unknown:
         raise ConfigError(f"unknown recipe key(s) {', '.join(prefix + k for k in unknown)}; "
                           f"allowed: {', '.join(prefix + k for k in fields)}")
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     for name, value in values.items():
-        values[name] = _coerce(value, hints[name], prefix + name)
+        if not (hints[name] is TrainingSettings and isinstance(value, TrainingSettings)):
+            values[name] = coerce(value, hints[name], prefix + name)
     missing = [prefix + name for name, f in fields.items() if name not in values
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -177,32 +196,13 @@ def _build(cls, values: dict, prefix: str):
     return cls(**values)
 
 
-def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """Check `value` against a simple annotation (int, float, str, bool, list, dict, X | None)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        hint = next(o for o in options if o is not type(None))
-        origin = typing.get_origin(hint)
-    if hint is TrainingSettings and isinstance(value, TrainingSettings):
-        return value
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint in (str, bool) and isinstance(value, hint):
-        return value
-    if (origin or hint) is list and isinstance(value, list | str):
-        return [value] if isinstance(value, str) else value
-    if (origin or hint) is dict and isinstance(value, dict):
-        return value
-    kind = getattr(hint, "__name__", str(hint))
-    raise ConfigError(f"recipe key {name} must be {kind}; got {value!r} ({type(value).__name__})")
-
-
-def _positive(obj, *names: str) -> None:
+def _positive(obj, *names: str, prefix: str = "training.") -> None:
     for name in names:
         if getattr(obj, name) <= 0:
-            raise ConfigError(f"{name} must be > 0; got {getattr(obj, name)}")
+            raise ConfigError(f"{prefix}{name} must be > 0; got {getattr(obj, name)}")
+
+
+def _at_least_zero(obj, *names: str, prefix: str = "training.") -> None:
+    for name in names:
+        if getattr(obj, name) < 0:
+            raise ConfigError(f"{prefix}{name} must be >= 0; got {getattr(obj, name)}")

@@ -33,6 +33,7 @@ DECIDER_SHAPE = ("decider", "decider_layers", "decider_hidden_dims", "decider_to
 def train(recipe: Recipe, resume: bool = False) -> Path:
     """Run the recipe; returns the directory of the final model. `resume` continues from the last
     complete checkpoint in output_dir (an error if there is none)."""
+    _check_paths(recipe)
     out = Path(recipe.output_dir)
     checkpoint = _resume_point(out, resume)
     tokenizer = _tokenizer(recipe)
@@ -65,6 +66,21 @@ def _resume_point(out: Path, resume: bool) -> str | None:
     if last is None:
         raise InputError(f"--resume: no checkpoint-N directory in {out}; run without --resume to start fresh")
     return last
+
+
+def _check_paths(recipe: Recipe) -> None:
+    """Name a missing input path before loading anything (transformers would read a missing directory as
+    a model hub name and report a failed download)."""
+    for key in ("model", "tokenizer"):
+        path = getattr(recipe, key)
+        if path is not None and not Path(path).is_dir():
+            raise InputError(f"{key}: no such directory {path}; point it at a local model directory (config.json, "
+                             "weights, tokenizer files): tah never downloads from the model hub")
+    for key in ("data", "eval_data"):
+        path = getattr(recipe, key)
+        if path is not None and not Path(path).exists():
+            raise InputError(f"{key}: no such file or directory {path}; give `tah label` output, a JSONL file or "
+                             "a `datasets` directory")
 
 
 def _tokenizer(recipe: Recipe):

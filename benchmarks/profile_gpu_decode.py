@@ -1,0 +1,95 @@
+"""What one step of the static decode engine costs on a GPU: plain vs fused step, and the prefill.
+
+bench_gpu.py's decode workload (the Qwen3-0.6B shape in bf16, prompt 256, decider iterating exactly
+10% of positions): one `tah.generate` call captures the engine's CUDA graphs, then each step kind is
+replayed alone and timed with CUDA events (median of --replays), beside the prefill (the eager model
+forward that precedes decoding) and the host read that ends each step. Prints milliseconds at batch
+1 and 32, and the ratio fused / plain: where a 10% run's time goes beyond its `never` run. Replays
+advance the engine's state (its rows keep decoding), which is what a real step does too.
+--smoke: a tiny shape on CPU, without graphs (checks the script, not the GPU).
+Usage: python benchmarks/profile_gpu_decode.py [--smoke] [--replays 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import ExactShareDecider, with_small_adapters  # noqa: E402
+from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+
+import tah  # noqa: E402
+from tah import TaHConfig, TaHForCausalLM  # noqa: E402
+from tah.model.cache import TaHCache  # noqa: E402
+
+
+def build(smoke: bool, device: str) -> tuple[TaHForCausalLM, int, int, list[int]]:
+    if smoke:
+        shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+        prompt, new, batches = 16, 8, [1, 2]
+    else:
+        shape = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                     num_attention_heads=16, num_key_value_heads=8, head_dim=128)
+        prompt, new, batches = 256, 128, [1, 32]
+    torch.manual_seed(0)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    lm = Qwen3ForCausalLM(Qwen3Config(**shape, tie_word_embeddings=True, max_position_embeddings=4096,
+                                      attn_implementation="sdpa")).to(device, dtype)
+    model = with_small_adapters(TaHForCausalLM.from_base(lm, TaHConfig(max_iter=2, lora_rank=16, lora_alpha=32.0,
+                                                                       decider="never"))).eval()
+    model.decider = ExactShareDecider(0.1, seed=0)
+    return model, prompt, new, batches
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    """Median milliseconds of fn() over `repeats` calls (CUDA events on a GPU)."""
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - began) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--replays", type=int, default=30)
+    args = parser.parse_args()
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    model, prompt, new, batches = build(args.smoke, device)
+    vocab = model.lm.config.vocab_size
+    for batch in batches:
+        ids = torch.randint(3, vocab, (batch, prompt), device=device)
+        out = tah.generate(model, ids, max_new_tokens=new, engine="static")  # captures the graphs
+        runner = next(reversed(model._static_runners.values()))
+        prefill = timed(lambda ids=ids: model(ids, past_key_values=TaHCache(capacity=prompt), use_cache=True,
+                                              logits_to_keep=1), device, 5)
+        plain = timed(lambda runner=runner: runner.step(False), device, args.replays)
+        fused = timed(lambda runner=runner: runner.step(True), device, args.replays)
+        read = timed(lambda runner=runner: runner.out.tolist(), device, args.replays)
+        stats = out.stats
+        print(f"batch {batch}: prefill {prefill:.2f} ms | plain step {plain:.3f} ms | fused step {fused:.3f} ms "
+              f"({fused / plain:.2f}x plain) | host read {read:.3f} ms | the generate call: {stats.forwards} steps "
+              f"({stats.deep_steps} fused), {stats.seconds * 1e3:.0f} ms, prefill {stats.prefill_seconds * 1e3:.0f} ms",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
