@@ -504,24 +504,38 @@ class Decoder:
     def _emit(self, row: _Row, token: int, passes: int) -> None:
         row.tokens.append(token)
         row.passes.append(passes)
-        if self.streamer is not None:  # HF streamer protocol; ours also wants the pass count
-            if getattr(self.streamer, "wants_passes", False):
-                self.streamer.put(torch.tensor([token]), passes=passes)
-            else:
-                self.streamer.put(torch.tensor([token]))
+        stream(self.streamer, token, passes)
         if token in self.eos_ids or len(row.tokens) >= self.max_new or (self.stop is not None and self.stop(row.tokens)):
             row.done = True
 
     def _output(self, input_ids: torch.Tensor) -> GenerationOutput:
-        longest = max(len(r.tokens) for r in self.rows)
-        pad = min(self.eos_ids) if self.eos_ids else 0
-        new = torch.full((len(self.rows), longest), pad, dtype=torch.long)
-        passes = torch.zeros(len(self.rows), longest, dtype=torch.long)
-        for b, row in enumerate(self.rows):
-            new[b, :len(row.tokens)] = torch.tensor(row.tokens)
-            passes[b, :len(row.passes)] = torch.tensor(row.passes)
-        sequences = torch.cat([input_ids, new.to(input_ids.device)], dim=1)
-        return GenerationOutput(sequences, passes.to(input_ids.device), None, stats=self.stats)
+        return output(input_ids, [row.tokens for row in self.rows], [row.passes for row in self.rows],
+                      self.eos_ids, self.stats)
+
+
+def stream(streamer, token: int, passes: int) -> None:
+    """Hand a new token to `streamer` (HF's streamer protocol; ours also takes the pass count), if any."""
+    if streamer is None:
+        return
+    if getattr(streamer, "wants_passes", False):
+        streamer.put(torch.tensor([token]), passes=passes)
+    else:
+        streamer.put(torch.tensor([token]))
+
+
+def output(input_ids: torch.Tensor, tokens: list[list[int]], passes: list[list[int]], eos_ids: set[int],
+           stats: DecodeStats) -> GenerationOutput:
+    """The GenerationOutput of rows that made `tokens` with `passes` each: shorter rows padded with the
+    lowest EOS id (0 without one), their pass counts with 0."""
+    longest = max(len(row) for row in tokens)
+    pad = min(eos_ids) if eos_ids else 0
+    new = torch.full((len(tokens), longest), pad, dtype=torch.long)
+    counts = torch.zeros(len(tokens), longest, dtype=torch.long)
+    for b, (row_tokens, row_passes) in enumerate(zip(tokens, passes, strict=True)):
+        new[b, :len(row_tokens)] = torch.tensor(row_tokens, dtype=torch.long)
+        counts[b, :len(row_passes)] = torch.tensor(row_passes, dtype=torch.long)
+    sequences = torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+    return GenerationOutput(sequences, counts.to(input_ids.device), None, stats=stats)
 
 
 def _rows_of(values: torch.Tensor, at: list[int]) -> torch.Tensor:

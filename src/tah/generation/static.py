@@ -27,7 +27,7 @@ from collections import OrderedDict
 
 import torch
 
-from tah.generation.engine import DecodeStats
+from tah.generation.engine import DecodeStats, output, stream
 from tah.generation.reference import GenerationOutput
 from tah.generation.sampling import greedy_tokens
 from tah.model.cache import TaHCache
@@ -291,7 +291,7 @@ class StaticDecoder:
         self.stats.kv_bytes = runner.cache.nbytes()
         if self.streamer is not None:
             self.streamer.end()
-        return self._output(input_ids)
+        return output(input_ids, self.tokens, self.passes, self.eos_ids, self.stats)
 
     def _take(self, emitted: list[list[int]], runner: StaticRunner) -> bool:
         """Record a step's tokens; stop rows that are done. Returns whether a live row has a pending hard token."""
@@ -315,22 +315,7 @@ class StaticDecoder:
     def _emit(self, b: int, token: int, passes: int) -> None:
         self.tokens[b].append(token)
         self.passes[b].append(passes)
-        if self.streamer is not None:
-            if getattr(self.streamer, "wants_passes", False):
-                self.streamer.put(torch.tensor([token]), passes=passes)
-            else:
-                self.streamer.put(torch.tensor([token]))
+        stream(self.streamer, token, passes)
         if token in self.eos_ids or len(self.tokens[b]) >= self.max_new or \
                 (self.stop is not None and self.stop(self.tokens[b])):
             self.done[b] = True
-
-    def _output(self, input_ids: torch.Tensor) -> GenerationOutput:
-        longest = max(len(t) for t in self.tokens)
-        pad = min(self.eos_ids) if self.eos_ids else 0
-        new = torch.full((len(self.tokens), longest), pad, dtype=torch.long)
-        passes = torch.zeros(len(self.tokens), longest, dtype=torch.long)
-        for b, (tokens, counts) in enumerate(zip(self.tokens, self.passes, strict=True)):
-            new[b, :len(tokens)] = torch.tensor(tokens)
-            passes[b, :len(counts)] = torch.tensor(counts)
-        sequences = torch.cat([input_ids, new.to(input_ids.device)], dim=1)
-        return GenerationOutput(sequences, passes.to(input_ids.device), None, stats=self.stats)
