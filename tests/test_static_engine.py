@@ -185,3 +185,35 @@ def test_the_decoder_reads_the_device_once_a_step(monkeypatch):
         forwards.append(out.stats.forwards)
     assert out.stats.deep_steps > 0 and out.stats.shallow_steps > 0
     assert reads[1] - reads[0] == forwards[1] - forwards[0]
+
+
+class _Recorder:
+    """A streamer (HF's protocol, plus the pass counts ours takes) that records what it is given."""
+
+    wants_passes = True
+
+    def __init__(self) -> None:
+        self.prompt, self.tokens, self.passes, self.ended = None, [], [], False
+
+    def put(self, value: torch.Tensor, passes: int | None = None) -> None:
+        if self.prompt is None:
+            self.prompt = value
+            return
+        self.tokens += value.tolist()
+        self.passes.append(passes)
+
+    def end(self) -> None:
+        self.ended = True
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_a_streamer_gets_every_token_with_its_passes_then_the_end(engine):
+    model = strong_model()
+    ids, _ = left_padded([6], seed=3)
+    recorder = _Recorder()
+    out = generate(model, ids, max_new_tokens=16, eos_token_id=7, streamer=recorder, engine=engine)
+    new = out.sequences[0, ids.shape[1]:].tolist()
+    assert torch.equal(recorder.prompt, ids)
+    assert recorder.tokens == new[:len(recorder.tokens)] and len(recorder.tokens) == int((out.iter_counts > 0).sum())
+    assert recorder.passes == out.iter_counts[0, :len(recorder.passes)].tolist()
+    assert 2 in recorder.passes and recorder.ended
