@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import ExactShareDecider, with_small_adapters  # noqa: E402
-from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from profile_gpu_train import random_qwen3  # noqa: E402
 
 import tah  # noqa: E402
 from tah import TaHConfig, TaHForCausalLM  # noqa: E402
@@ -30,18 +30,9 @@ from tah.model.cache import TaHCache  # noqa: E402
 
 
 def build(smoke: bool, device: str) -> tuple[TaHForCausalLM, int, int, list[int]]:
-    if smoke:
-        shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-        prompt, new, batches = 16, 8, [1, 2]
-    else:
-        shape = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                     num_attention_heads=16, num_key_value_heads=8, head_dim=128)
-        prompt, new, batches = 256, 128, [1, 32]
-    torch.manual_seed(0)
+    prompt, new, batches = (16, 8, [1, 2]) if smoke else (256, 128, [1, 32])
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    lm = Qwen3ForCausalLM(Qwen3Config(**shape, tie_word_embeddings=True, max_position_embeddings=4096,
-                                      attn_implementation="sdpa")).to(device, dtype)
+    lm = random_qwen3(smoke).to(device, dtype)
     model = with_small_adapters(TaHForCausalLM.from_base(lm, TaHConfig(max_iter=2, lora_rank=16, lora_alpha=32.0,
                                                                        decider="never"))).eval()
     model.decider = ExactShareDecider(0.1, seed=0)

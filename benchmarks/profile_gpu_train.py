@@ -29,18 +29,22 @@ from tah import TaHConfig, TaHForCausalLM  # noqa: E402
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaEventSynchronize")
 
 
-def build(smoke: bool, device: str) -> tuple[TaHForCausalLM, int, int]:
+def random_qwen3(smoke: bool) -> Qwen3ForCausalLM:
+    """A random Qwen3 of the 0.6B shape (bench_gpu.py's), or a tiny one with `smoke`; float32, on the CPU."""
     if smoke:
         shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-        batch, length = 2, 64
     else:
         shape = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                      num_attention_heads=16, num_key_value_heads=8, head_dim=128)
-        batch, length = 4, 1024
     torch.manual_seed(0)
-    lm = Qwen3ForCausalLM(Qwen3Config(**shape, tie_word_embeddings=True, max_position_embeddings=4096,
-                                      attn_implementation="sdpa"))
+    return Qwen3ForCausalLM(Qwen3Config(**shape, tie_word_embeddings=True, max_position_embeddings=4096,
+                                        attn_implementation="sdpa"))
+
+
+def build(smoke: bool, device: str) -> tuple[TaHForCausalLM, int, int]:
+    batch, length = (2, 64) if smoke else (4, 1024)
+    lm = random_qwen3(smoke)
     config = TaHConfig(max_iter=2, lora_rank=16, lora_alpha=32.0, decider="mlp", training_stage=1)
     model = with_small_adapters(TaHForCausalLM.from_base(lm, config)).to(device).train()
     return model, batch, length

@@ -10,6 +10,7 @@ from conftest import left_padded, randomize_lora, tiny_tah
 from tah import InputError
 from tah.generation import generate, generate_reference
 from tah.generation import static as static_engine
+from tah.generation.generate import _use_static
 
 
 def strong_model(decider: str = "random", rate: float = 0.4, **config):
@@ -126,10 +127,10 @@ def test_settings_the_static_engine_cannot_take_are_refused(kwargs, words):
 def test_auto_takes_the_eager_engine_on_cpu_and_for_max_iter_3():
     model = strong_model()
     ids, _ = left_padded([4])
-    assert not generate.__globals__["_use_static"](model, "auto", True, True, None, torch.device("cpu"))
-    assert generate.__globals__["_use_static"](model, "auto", True, True, None, torch.device("cuda"))
+    assert not _use_static(model, "auto", True, True, None, torch.device("cpu"))
+    assert _use_static(model, "auto", True, True, None, torch.device("cuda"))
     deeper = tiny_tah(decider="random", random_rate=0.3, max_iter=3)
-    assert not generate.__globals__["_use_static"](deeper, "auto", True, True, None, torch.device("cuda"))
+    assert not _use_static(deeper, "auto", True, True, None, torch.device("cuda"))
 
 
 def _loaded_runner(model, ids, mask):

@@ -90,16 +90,7 @@ class StaticRunner:
     def load(self, cache: TaHCache, first: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> None:
         """Start from a prefill: its cache entries, each row's first token (B,), that token's
         position (B,) and the rows that go on (B,) bool."""
-        used = int(cache.fill.max())
-        if used > self.cache.capacity:
-            raise ValueError(f"prefill holds {used} slots a row; the runner has {self.cache.capacity}")
-        for mine, theirs in zip(self.cache.keys + self.cache.values, cache.keys + cache.values, strict=True):
-            mine[:, :, :used] = theirs[:, :, :used]
-        for tag in ("pos", "depth", "valid"):
-            mine = getattr(self.cache, tag)
-            mine.zero_()
-            mine[:, :used] = getattr(cache, tag)[:, :used]
-        self.cache.fill.copy_(cache.fill)
+        self.cache.take_entries(cache, int(cache.fill.max()))
         self.token.copy_(first)
         self.position.copy_(positions)
         self.active.copy_(active)
@@ -227,9 +218,14 @@ def _settings_key(model) -> tuple:
     return id(model.decider), config.threshold, config.max_iter, config.input_topk
 
 
+def rounded_capacity(slots: int) -> int:
+    """Live slots of a static cache holding at least `slots`: with its trash slot, a multiple of SLOT_ROUNDING."""
+    return -(-(slots + 1) // SLOT_ROUNDING) * SLOT_ROUNDING - 1
+
+
 def runner_for(model, batch: int, capacity: int, dtype: torch.dtype, device: torch.device, graphs: bool) -> StaticRunner:
     """A kept runner of this shape and settings, or a new one (kept, least recently used dropped)."""
-    capacity = -(-capacity // SLOT_ROUNDING) * SLOT_ROUNDING - 1  # + the trash slot: a round number of slots
+    capacity = rounded_capacity(capacity)
     runners: OrderedDict = model.__dict__.setdefault("_static_runners", OrderedDict())
     key = (batch, capacity, dtype, str(device), graphs)
     runner = runners.get(key)
@@ -279,7 +275,7 @@ class StaticDecoder:
             if bound + 2 > runner.cache.capacity:  # rare: read the fills, grow if a row is really near the end
                 bound = int(runner.cache.fill.max())
                 if bound + 2 > runner.cache.capacity:
-                    runner.grow(-(-(2 * runner.cache.capacity + 1) // SLOT_ROUNDING) * SLOT_ROUNDING - 1)
+                    runner.grow(rounded_capacity(2 * runner.cache.capacity))
             step_started = time.perf_counter()
             runner.step(fused=pending)
             bound += 2 if pending else 1
@@ -287,7 +283,7 @@ class StaticDecoder:
             self.stats.record_step(pending, time.perf_counter() - step_started)
             pending = self._take(emitted, runner)
         self.stats.seconds = time.perf_counter() - started
-        self.stats.kv_entries = int(runner.cache.fill.sum())
+        self.stats.kv_entries = int(runner.cache.entries().sum())
         self.stats.kv_bytes = runner.cache.nbytes()
         if self.streamer is not None:
             self.streamer.end()

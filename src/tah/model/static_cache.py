@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from tah.model.attention import additive_mask, duo_causal_visible
-from tah.model.cache import TaHCache
 
 
 class StaticTaHCache:
@@ -31,36 +30,26 @@ class StaticTaHCache:
         self.fill = torch.zeros(batch, dtype=torch.long, device=device)  # live slots per row
         self._slots: torch.Tensor | None = None  # (B, A) where the current pass writes
 
-    @classmethod
-    def from_prefill(cls, cache: TaHCache, capacity: int) -> StaticTaHCache:
-        """A static cache of `capacity` slots a row holding a prefilled (one-run) `TaHCache`'s entries."""
-        if cache.deep_capacity is not None:
-            raise ValueError("from_prefill takes a TaHCache with one run of slots (deep_capacity=None)")
-        used = int(cache.fill.max())
-        if used > capacity:
-            raise ValueError(f"the prefill holds {used} slots a row; the static cache has {capacity}")
-        first = next(k for k in cache.keys if k is not None)
-        batch, kv_heads, _, head_dim = first.shape
-        static = cls(len(cache.keys), batch, kv_heads, head_dim, capacity, first.dtype, first.device)
-        for mine, theirs in zip(static.keys + static.values, cache.keys + cache.values, strict=True):
-            mine[:, :, :used] = theirs[:, :, :used]
-        static.pos[:, :used] = cache.pos[:, :used]
-        static.depth[:, :used] = cache.depth[:, :used]
-        static.valid[:, :used] = cache.valid[:, :used]
-        static.fill.copy_(cache.fill)
-        return static
+    def take_entries(self, cache, slots: int) -> None:
+        """Hold the first `slots` slots of every row of `cache` (a prefilled one-run `TaHCache`, or a
+        smaller `StaticTaHCache`): its keys, values, tags and fills; every later slot invalid."""
+        if getattr(cache, "deep_capacity", None) is not None:
+            raise ValueError("a static cache takes a TaHCache with one run of slots (deep_capacity=None)")
+        if slots > self.capacity:
+            raise ValueError(f"{slots} slots a row do not fit a static cache of {self.capacity}")
+        for mine, theirs in zip(self.keys + self.values, cache.keys + cache.values, strict=True):
+            mine[:, :, :slots] = theirs[:, :, :slots]
+        for mine, theirs in ((self.pos, cache.pos), (self.depth, cache.depth), (self.valid, cache.valid)):
+            mine.zero_()
+            mine[:, :slots] = theirs[:, :slots]
+        self.fill.copy_(cache.fill)
 
     def grown(self, capacity: int) -> StaticTaHCache:
         """A copy with more slots a row (the same entries in the same slots)."""
         batch, kv_heads, _, head_dim = self.keys[0].shape
         bigger = StaticTaHCache(len(self.keys), batch, kv_heads, head_dim, capacity, self.keys[0].dtype,
                                 self.keys[0].device)
-        live = self.capacity  # the trash slot stays behind
-        for mine, theirs in zip(bigger.keys + bigger.values, self.keys + self.values, strict=True):
-            mine[:, :, :live] = theirs[:, :, :live]
-        for mine, theirs in ((bigger.pos, self.pos), (bigger.depth, self.depth), (bigger.valid, self.valid)):
-            mine[:, :live] = theirs[:, :live]
-        bigger.fill.copy_(self.fill)
+        bigger.take_entries(self, self.capacity)  # the trash slot stays behind
         return bigger
 
     # -- a pass --------------------------------------------------------------------------------
