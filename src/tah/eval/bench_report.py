@@ -136,6 +136,8 @@ def plot_tradeoff(runs: list[Run], path: str | os.PathLike) -> Path:
     figure = Figure(figsize=(4.5 * len(tasks), 4), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(tasks), squeeze=False)[0]
+    models = sorted({run.model for run in runs})
+    colour = {model: f"C{i % 10}" for i, model in enumerate(models)}  # one colour per model on every panel
     for ax, task in zip(axes, tasks, strict=True):
         by_model = defaultdict(list)
         for run in runs:
@@ -143,7 +145,8 @@ def plot_tradeoff(runs: list[Run], path: str | os.PathLike) -> Path:
                 by_model[run.model].append(run)
         for model, points in sorted(by_model.items()):
             points.sort(key=lambda r: r.iterated_share)
-            ax.plot([r.iterated_share for r in points], [r.accuracy for r in points], "o-", label=model)
+            ax.plot([r.iterated_share for r in points], [r.accuracy for r in points], "o-", label=model,
+                    color=colour[model])
             for run in points:
                 if run.threshold is not None:
                     ax.annotate(f"{run.threshold:g}", (run.iterated_share, run.accuracy), fontsize="x-small",
