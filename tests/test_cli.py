@@ -64,7 +64,7 @@ def test_two_draft_candidates_print_the_same_text(saved_model, capsys, monkeypat
 
 def test_bad_request_is_a_clear_error_not_a_traceback(saved_model, capsys):
     assert main(["generate", "--model", str(saved_model), "--prompt", "abc", "--max-new-tokens", "0"]) == 2
-    assert "max_new_tokens" in capsys.readouterr().err
+    assert "--max-new-tokens" in capsys.readouterr().err
     assert main(["generate", "--model", str(saved_model / "missing"), "--prompt", "abc"]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -14,40 +14,43 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(out=args.out, quick=args.quick, seeds=args.seeds)
 
 
+# tah.generate's limits, checked here before a model loads (a test holds them equal to generate's).
+MAX_DRAFT_CANDIDATES = 4
+
+
 def _generate(args: argparse.Namespace) -> None:
-    import time
+    check_generate_arguments(args)
+    from tah.generation.command import run_generate  # torch and transformers load from here on
 
-    from rich.console import Console
-    from transformers import AutoTokenizer
+    run_generate(args)
 
-    from tah.generation.generate import generate
-    from tah.generation.render import legend
-    from tah.generation.stream import DepthStreamer
-    from tah.model.tah_model import TaHForCausalLM
 
-    console = Console(highlight=False)
-    overrides = {} if args.threshold is None else {"threshold": args.threshold}
-    model = TaHForCausalLM.from_pretrained(args.model, **overrides).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    if args.chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
-    if args.show_depth:
-        console.print(legend(model.tah_config.max_iter))
-    streamer = DepthStreamer(tokenizer, console, show_depth=args.show_depth)
-    started = time.perf_counter()
-    out = generate(model, ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                   eos_token_id=tokenizer.eos_token_id, seed=args.seed, streamer=streamer, fused=not args.no_fused,
-                   draft_candidates=args.draft_candidates)
-    seconds = time.perf_counter() - started
-    counts = out.iter_counts[0]
-    produced = int((counts > 0).sum())
-    iterated = float((counts > 1).sum()) / max(produced, 1)
-    console.print(f"{produced} tokens, {produced / seconds:.1f} tokens/s, {iterated:.1%} of tokens iterated",
-                  style="dim")
+def check_generate_arguments(args: argparse.Namespace) -> None:
+    """Refuse what `tah generate` would only refuse after loading the model. Raises `InputError`
+    naming the option."""
+    from pathlib import Path
+
+    from tah.errors import InputError
+
+    if not args.prompt.strip():
+        raise InputError("--prompt is empty: give the text to continue (with --chat: the user's message)")
+    a = args
+    ranges = [("--max-new-tokens", a.max_new_tokens, a.max_new_tokens >= 1, ">= 1"),
+              ("--temperature", a.temperature, a.temperature >= 0, ">= 0"),
+              ("--top-p", a.top_p, 0 < a.top_p <= 1, "in (0, 1]"), ("--top-k", a.top_k, a.top_k >= 0, ">= 0"),
+              ("--min-p", a.min_p, 0 <= a.min_p < 1, "in [0, 1)"),
+              ("--threshold", a.threshold, a.threshold is None or 0 <= a.threshold <= 1, "in [0, 1]")]
+    for option, value, holds, allowed in ranges:
+        if not holds:
+            raise InputError(f"{option} must be {allowed}; got {value}")
+    if args.draft_candidates is not None and not 1 <= args.draft_candidates <= MAX_DRAFT_CANDIDATES:
+        raise InputError(f"--draft-candidates must be 1 to {MAX_DRAFT_CANDIDATES}; got {args.draft_candidates}")
+    if args.do_sample and (args.draft_candidates or 1) > 1:
+        raise InputError("--draft-candidates above 1 needs greedy decoding (sampling's acceptance rule takes one "
+                         "draft): drop --do-sample or --draft-candidates")
+    if not Path(args.model).is_dir():
+        raise InputError(f"--model {args.model} does not exist or is not a directory; give a checkpoint directory "
+                         "(written by save_pretrained or tah train) with its tokenizer files")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate text with a saved TaH model (our or the original layout)")
     gen.add_argument("--model", required=True, help="checkpoint directory (with its tokenizer files)")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -77,10 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--threshold", type=float, default=None, help="decider threshold (default: the checkpoint's)")
     gen.add_argument("--no-fused", action="store_true", help="run each latent iteration in its own forward")
-    gen.add_argument("--draft-candidates", type=int, default=None, metavar="N",  # tah.generate checks it
+    gen.add_argument("--draft-candidates", type=int, default=None, metavar="N",
                      help="drafts beside a hard token: 2 or more add the depth-0 runner-ups (greedy only; same "
                           "tokens). Default: 3 when greedy with one prompt, 1 when sampling")
-    gen.add_argument("--show-depth", action="store_true", help="colour each token by its number of passes")
+    gen.add_argument("--show-depth", action="store_true",
+                     help="colour each token by its number of passes; where colours cannot show (piped, NO_COLOR) "
+                          "print the text with iterated tokens in brackets and the passes per token")
     gen.set_defaults(run=_generate)
 
     # Each pipeline stage registers its own subcommand next to its code.

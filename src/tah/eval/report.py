@@ -114,41 +114,98 @@ def write_results(results: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-def plot_sweep(sweep: list[dict], path: str | os.PathLike, references: dict | None = None,
+def plot_sweep(sweep: list, path: str | os.PathLike, references: dict | list | None = None,
                title: str = "Decider threshold sweep", label: str = "TaH (sweep)") -> Path:
-    """PNG of a `threshold_sweep`: left, next-token accuracy (and answer accuracy if present) and
-    iterated share against the threshold; right, accuracy against iterated share (the compute-
-    accuracy trade-off), with `references` {name: {"iterated_share", "accuracy"}} (e.g. Standard,
-    AlwaysIterate) as labelled points; `label` names the swept model. Written atomically; returns
-    the path."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not sweep:
-        raise InputError("plot_sweep needs at least one sweep point")
-    points = sorted(sweep, key=lambda p: p["threshold"])
-    x = [p["threshold"] for p in points]
-    figure = Figure(figsize=(10, 4), dpi=100)
-    FigureCanvasAgg(figure)
-    left, right = figure.subplots(1, 2)
-    left.plot(x, [p["accuracy"] for p in points], "o-", label="next-token accuracy")
-    if all(p.get("answer_accuracy") is not None for p in points):
-        left.plot(x, [p["answer_accuracy"] for p in points], "s-", label="answer accuracy")
-    left.plot(x, [p["iterated_share"] for p in points], "^--", label="iterated share")
-    left.set(xlabel="decider threshold", ylabel="share", ylim=(-0.02, 1.02), title="against the threshold")
-    left.legend(loc="best", fontsize="small")
-    right.plot([p["iterated_share"] for p in points], [p["accuracy"] for p in points], "o-", label=label)
-    for name, ref in (references or {}).items():
-        right.scatter([ref["iterated_share"]], [ref["accuracy"]], marker="*", s=120, zorder=3)
-        right.annotate(name, (ref["iterated_share"], ref["accuracy"]), textcoords="offset points", xytext=(5, 5))
-    right.set(xlabel="iterated share", ylabel="next-token accuracy", xlim=(-0.05, 1.05),
-              title="compute-accuracy trade-off")
-    right.legend(loc="best", fontsize="small")
-    figure.suptitle(title)
-    figure.tight_layout()
+    """PNG of `threshold_sweep` output, written atomically; returns the path. `sweep` is one run's
+    points or a list of them, one per seed; `references` {name: {"iterated_share", "accuracy"}}
+    (e.g. Standard, AlwaysIterate) likewise, or one such dict per seed. See `sweep_figure`."""
+    figure = sweep_figure(sweep, references, title, label)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     figure.savefig(tmp, format="png")
     os.replace(tmp, path)
     return path
+
+
+def sweep_figure(sweep: list, references: dict | list | None = None, title: str = "Decider threshold sweep",
+                 label: str = "TaH (sweep)"):
+    """The matplotlib Figure of `plot_sweep`. Left: next-token accuracy (and answer accuracy if
+    present) against the threshold on an axis zoomed to the data, iterated share on a 0..1 axis at
+    the right. Right: accuracy against iterated share (the compute-accuracy trade-off), with the
+    references as labelled stars. Every seed is drawn (one colour each); every label lies inside
+    its plot. Raises `InputError` on an empty sweep."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    seeds = [sorted(points, key=lambda p: p["threshold"]) for points in _per_seed(sweep)]
+    refs = list(references) if isinstance(references, list) else [references or {}] * len(seeds)
+    figure = Figure(figsize=(11, 5), dpi=100)
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    share = left.twinx()
+    accuracies, answers_drawn = [], False
+    for seed, points in enumerate(seeds):
+        colour = f"C{seed}"
+        x = [p["threshold"] for p in points]
+        accuracy = [p["accuracy"] for p in points]
+        left.plot(x, accuracy, "o-", color=colour)
+        accuracies += accuracy
+        if all(p.get("answer_accuracy") is not None for p in points):
+            answers = [p["answer_accuracy"] for p in points]
+            left.plot(x, answers, "s:", color=colour)
+            accuracies, answers_drawn = accuracies + answers, True
+        share.plot(x, [p["iterated_share"] for p in points], "^--", color=colour, alpha=0.6)
+        right.plot([p["iterated_share"] for p in points], accuracy, "o-", color=colour)
+    left.set(xlabel="decider threshold", ylabel="accuracy", ylim=_zoom(accuracies), title="against the threshold")
+    share.set(ylabel="iterated share", ylim=(-0.02, 1.02))
+    points_y = [p["accuracy"] for points in seeds for p in points] + [r["accuracy"] for ref in refs for r in ref.values()]
+    right.set(xlabel="iterated share", ylabel="next-token accuracy", xlim=(-0.05, 1.05), ylim=_zoom(points_y),
+              title="compute-accuracy trade-off")
+    _references(right, refs)
+    _legend(figure, len(seeds), label, answers_drawn)
+    figure.suptitle(title)
+    figure.tight_layout(rect=(0, 0.1, 1, 1))  # the bottom tenth holds the legend
+    return figure
+
+
+def _legend(figure, seeds: int, label: str, answers: bool) -> None:
+    """One legend under both plots: line styles say the metric, colours the seed."""
+    from matplotlib.lines import Line2D
+
+    styles = [("o-", "next-token accuracy"), ("s:", "answer accuracy"), ("^--", "iterated share (right axis)")]
+    handles = [Line2D([], [], color="0.3", linestyle=style[1:], marker=style[0], label=name)
+               for style, name in styles if answers or name != "answer accuracy"]
+    handles += [Line2D([], [], color=f"C{seed}", linewidth=4, label=f"{label}, seed {seed}" if seeds > 1 else label)
+                for seed in range(seeds)]
+    figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize="small", frameon=False)
+
+
+def _per_seed(sweep: list) -> list[list[dict]]:
+    """`sweep` as one list of points per seed (one run's points are one seed)."""
+    if not sweep or any(not points for points in sweep):
+        raise InputError("plot_sweep needs at least one sweep point (for every seed)")
+    return [sweep] if isinstance(sweep[0], dict) else list(sweep)
+
+
+def _zoom(values: list[float]) -> tuple[float, float]:
+    """Axis limits around `values` with a margin (at least 2 points of accuracy), within [0, 1]."""
+    low, high = min(values), max(values)
+    margin = max(0.1 * (high - low), 0.02)
+    return max(low - margin, -0.01), min(high + margin, 1.01)
+
+
+def _references(axes, refs: list[dict]) -> None:
+    """A star per reference and seed; each name once, at its mean point, written towards the inside
+    of the axes (whose limits are set)."""
+    low, high = axes.get_ylim()
+    names = list(dict.fromkeys(name for ref in refs for name in ref))
+    for number, name in enumerate(names):
+        points = [ref[name] for ref in refs if name in ref]
+        xs, ys = [p["iterated_share"] for p in points], [p["accuracy"] for p in points]
+        axes.scatter(xs, ys, marker="*", s=140, zorder=3, color=f"C{9 - number}")
+        x, y = sum(xs) / len(xs), sum(ys) / len(ys)
+        right_half, upper_half = x > 0.5, y > (low + high) / 2
+        axes.annotate(name, (x, y), textcoords="offset points", xytext=(-8 if right_half else 8, -8 if upper_half else 8),
+                      ha="right" if right_half else "left", va="top" if upper_half else "bottom", fontsize="small",
+                      zorder=4)

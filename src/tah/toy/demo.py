@@ -6,8 +6,9 @@ then, with equal training budgets, Standard (one pass), AlwaysIterate, TaH+ (all
 `tah prune` and `tah train`, and evaluated on held-out problems. Writes under OUT:
 
     results.json    every number and the settings (per seed, and mean / std over seeds)
-    sweep.png       next-token accuracy and iterated share as TaH+'s decider threshold sweeps 0..1
-    samples.html    held-out solutions, each token coloured by its passes, hard labels marked
+    sweep.png       next-token accuracy and iterated share as TaH+'s decider threshold sweeps 0..1, every seed
+    samples.html    TaH+'s own answers to held-out problems and the reference solutions teacher-forced,
+                    each token coloured by its passes (hard labels marked on the references)
     seed-N/         the data, models, runs and logs of each seed
 """
 
@@ -40,7 +41,7 @@ def run_demo(out: str | Path = "tah-demo", quick: bool = False, seeds: int | Non
         raise InputError(f"--seeds must be an integer >= 1; got {seeds!r}")
     from transformers.utils import logging as hf_logging
 
-    from tah.eval import plot_sweep, write_results
+    from tah.eval import write_results
 
     hf_logging.disable_progress_bar()  # weight loading; the Trainer's bar stays (it needs warning level)
     hf_logging.set_verbosity_warning()
@@ -57,17 +58,24 @@ def run_demo(out: str | Path = "tah-demo", quick: bool = False, seeds: int | Non
         runs.append(run_seed(out / f"seed-{seed}", settings, seed, console))
     results = summarise(runs, settings, quick, time.perf_counter() - started)
     write_results(results, out / "results.json")
-    first = runs[0]
-    references = {name: {"iterated_share": row["iterated_share"], "accuracy": row["next_token_accuracy"]}
-                  for name, row in first["models"].items() if name in ("Standard", "AlwaysIterate")}
-    plot_sweep(first["sweep"], out / "sweep.png", references=references, label=f"{SWEPT} (sweep)",
-               title=f"Decider threshold sweep of {SWEPT} (seed 0, held-out solutions)")
+    plot_demo_sweep(runs, out / "sweep.png")
     _copy(out / "seed-0" / "samples.html", out / "samples.html")
     console.print(demo_table(results))
     console.print(analysis_lines(results))
     console.print(f"wrote {out / 'results.json'}, {out / 'sweep.png'}, {out / 'samples.html'} "
                   f"in {results['total_time_s']:.0f} s", style="dim")
     return results
+
+
+def plot_demo_sweep(runs: list[dict], path: Path) -> None:
+    """sweep.png: SWEPT's threshold sweep of every seed, Standard and AlwaysIterate as references."""
+    from tah.eval import plot_sweep
+
+    references = [{name: {"iterated_share": row["iterated_share"], "accuracy": row["next_token_accuracy"]}
+                   for name, row in run["models"].items() if name in ("Standard", "AlwaysIterate")} for run in runs]
+    seeds = f"{len(runs)} seeds" if len(runs) > 1 else "seed 0"
+    plot_sweep([run["sweep"] for run in runs], path, references=references, label=f"{SWEPT} (sweep)",
+               title=f"Decider threshold sweep of {SWEPT} ({seeds}, held-out solutions)")
 
 
 def run_seed(root: Path, settings: DemoSettings, seed: int, console: Console) -> dict:
@@ -121,7 +129,8 @@ def run_seed(root: Path, settings: DemoSettings, seed: int, console: Console) ->
     # TaH+ (every layer) is the model to look at here: pruning one of three layers costs TaH a third
     # of its depth at this scale (see the README), which would hide what the decider does.
     sweep = step("analyse: threshold sweep (TaH+)", lambda: threshold_curve(finals[SWEPT], data))
-    step("samples.html", lambda: write_samples(finals[SWEPT], tokenizer, data, root / "samples.html", s.samples))
+    step("samples.html", lambda: write_samples(finals[SWEPT], tokenizer, data, problems, root / "samples.html",
+                                               s.samples))
     stage1_losses = _losses(root / "runs" / "tah-stage1" / "recipe.json")
     return {"seed": seed, "models": models, "depth_analysis": analysis, "sweep": sweep, "stage_times_s": times,
             "labels": _label_stats(labeled), "stage1_loss": stage1_losses,
@@ -157,13 +166,17 @@ def threshold_curve(path: Path, data) -> list[dict]:
     return threshold_sweep(TaHForCausalLM.from_pretrained(path).eval(), data, progress=False)
 
 
-def write_samples(path: Path, tokenizer, data, html: Path, count: int) -> None:
+def write_samples(path: Path, tokenizer, data, problems, html: Path, count: int) -> None:
+    """samples.html of the model at `path`: its greedy answers to the first `count` problems, then the
+    first `count` reference solutions of `data` teacher-forced."""
     from tah import TaHForCausalLM
-    from tah.eval import samples_html, solution_records
+    from tah.eval import answer_accuracy, samples_html, solution_records
 
     model = TaHForCausalLM.from_pretrained(path).eval()
+    generated = answer_accuracy(model, tokenizer, problems[:count], progress=False)["records"]
     records = solution_records(model, tokenizer, data, count=count, pad_token_id=tokenizer.pad_token_id)
-    samples_html(records, html, title="TaH on held-out problems: passes per token", max_iter=model.tah_config.max_iter)
+    samples_html(records, html, title=f"{SWEPT} on held-out problems: passes per token",
+                 max_iter=model.tah_config.max_iter, generated=generated, model_name=SWEPT)
 
 
 def summarise(runs: list[dict], settings: DemoSettings, quick: bool, total: float) -> dict:

@@ -111,7 +111,7 @@ class Stages:
                 "training.per_device_batch_size": s.batch_size, "training.effective_batch_size": s.batch_size,
                 "training.logging_steps": max(steps // 10, 1), "training.save_steps": steps,
                 "training.save_total_limit": 1, "training.warmup_ratio": 0.05, **extra}
-        argv = ["train", "--config", str(recipe_path(recipe))]
+        argv = ["train", "--config", str(recipe_path(recipe)), "--overwrite"]  # a rerun of the demo starts afresh
         for key, value in sets.items():
             argv += ["--set", f"{key}={value}"]
         seconds = self.cli(out, *argv)

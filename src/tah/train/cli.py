@@ -48,15 +48,23 @@ def register_train(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--config", required=True, help="YAML recipe (see recipes/)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe key, e.g. --set training.learning_rate=1e-4 (repeatable)")
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest complete checkpoint-N in output_dir (it says which)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="discard the run already in output_dir (checkpoint-N, final/) and start at step 0; "
+                            "without --resume or --overwrite, an output_dir holding a run is refused")
 
     def run(args: argparse.Namespace) -> None:
+        from pathlib import Path
+
+        from tah.train.checkpoints import check_output_dir
         from tah.train.recipe import load_recipe
 
         recipe = load_recipe(args.config, args.overrides)  # all checks happen before any model loads
+        check_output_dir(Path(recipe.output_dir), args.resume, args.overwrite)
         from tah.train.run import train as run_training
 
-        final = run_training(recipe, resume=args.resume)
+        final = run_training(recipe, resume=args.resume, overwrite=args.overwrite)
         print(f"final model: {final}")
 
     train.set_defaults(run=run)

@@ -7,7 +7,8 @@
     baseline always    every token iterates once (max_iter 2, decider "always").
 
 The final model lands in `OUTPUT_DIR/final` (our layout + tokenizer); checkpoints in
-`OUTPUT_DIR/checkpoint-N`, which `--resume` continues from.
+`OUTPUT_DIR/checkpoint-N`, which `--resume` continues from. An output_dir that already holds a run
+needs `resume` or `overwrite` (`tah.train.checkpoints`).
 """
 
 from __future__ import annotations
@@ -19,23 +20,24 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from tah.errors import ConfigError, InputError
 from tah.model.decider import build_decider
 from tah.model.tah_model import TaHForCausalLM
+from tah.train import checkpoints
 from tah.train.recipe import Recipe
 from tah.train.trainer import TaHTrainer, clean_staging
 
 DECIDER_SHAPE = ("decider", "decider_layers", "decider_hidden_dims", "decider_topk", "decider_expansion")
 
 
-def train(recipe: Recipe, resume: bool = False) -> Path:
-    """Run the recipe; returns the directory of the final model. `resume` continues from the last
-    complete checkpoint in output_dir (an error if there is none)."""
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run the recipe; returns the directory of the final model. `resume` continues from the newest
+    complete checkpoint in output_dir (an `InputError` if there is none); `overwrite` discards an
+    earlier run there first. Without either, an output_dir holding a run is an `InputError`."""
     _check_paths(recipe)
     out = Path(recipe.output_dir)
-    checkpoint = _resume_point(out, resume)
+    checkpoint = _resume_point(out, resume, overwrite)
     tokenizer = _tokenizer(recipe)
     train_data = _dataset(recipe, recipe.data, tokenizer)
     eval_data = _dataset(recipe, recipe.eval_data, tokenizer) if recipe.eval_data else None
@@ -57,15 +59,21 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     return final
 
 
-def _resume_point(out: Path, resume: bool) -> str | None:
+def _resume_point(out: Path, resume: bool, overwrite: bool) -> str | None:
+    """The checkpoint to continue from (None: start at step 0), after checking output_dir."""
+    checkpoints.check_output_dir(out, resume, overwrite)
     if out.exists():
         clean_staging(out)
+    say = checkpoints.say_on_main_process
     if not resume:
+        if overwrite and os.environ.get("RANK", "0") == "0":
+            removed = checkpoints.discard_run(out)
+            if removed:
+                say(f"--overwrite: removed {', '.join(removed)} from {out}; starting at step 0")
         return None
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if last is None:
-        raise InputError(f"--resume: no checkpoint-N directory in {out}; run without --resume to start fresh")
-    return last
+    checkpoint = checkpoints.resume_point(out, say=say)
+    say(f"resuming from {checkpoint} (step {checkpoints.checkpoint_step(checkpoint)})")
+    return str(checkpoint)
 
 
 def _check_paths(recipe: Recipe) -> None:
