@@ -285,6 +285,10 @@ class TaHCache:
         that is short; region 1 moves up when region 0 grows (tags and every layer's buffers)."""
         new0 = self.capacity if needed0 <= self.capacity else max(2 * self.capacity, needed0)
         new1 = self.deep_capacity if needed1 <= self.deep_capacity else max(2 * self.deep_capacity, needed1)
+        self._resize_split(new0, new1)
+
+    def _resize_split(self, new0: int, new1: int) -> None:
+        """Lay the regions out at `new0` depth-0 and `new1` deeper slots per row (no smaller than now)."""
         if (new0, new1) == (self.capacity, self.deep_capacity):
             return
         old = (self.capacity, self.deep_capacity)
@@ -434,6 +438,36 @@ class TaHCache:
         else:
             self.fill[b] = start + n
 
+    # -- rows joining and leaving (continuous batching: tah.generation.slots) ---------------------
+    def append_rows(self, other: TaHCache) -> None:
+        """Add `other`'s rows (a split cache, e.g. one prompt's prefill) after this split cache's
+        rows. Both caches are laid out to the larger size of each region first, so every row keeps
+        its entries, tags and fills as they were. Decoding only (no autograd)."""
+        if self.deep_capacity is None or other.deep_capacity is None:
+            raise ValueError("append_rows joins split caches (deep_capacity set)")
+        sizes = (max(self.capacity, other.capacity), max(self.deep_capacity, other.deep_capacity))
+        self._resize_split(*sizes)
+        other._resize_split(*sizes)
+        self.keys = [_cat_rows(mine, theirs) for mine, theirs in zip(self.keys, other.keys, strict=True)]
+        self.values = [_cat_rows(mine, theirs) for mine, theirs in zip(self.values, other.values, strict=True)]
+        self.pos, self.depth, self.valid = (torch.cat([a, b]) for a, b in
+                                            ((self.pos, other.pos), (self.depth, other.depth), (self.valid, other.valid)))
+        self.shallow_bias = torch.cat([self.shallow_bias, other.shallow_bias.to(self.shallow_bias.dtype)])
+        self.fill, self.deep_fill, self.seen = (torch.cat([a, b]) for a, b in
+                                                ((self.fill, other.fill), (self.deep_fill, other.deep_fill),
+                                                 (self.seen, other.seen)))
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only `rows` (in that order), dropping the others' entries."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.fill.device)
+        self.keys = [None if t is None else t.index_select(0, index) for t in self.keys]
+        self.values = [None if t is None else t.index_select(0, index) for t in self.values]
+        for name in ("pos", "depth", "valid", "shallow_bias", "fill", "deep_fill", "seen"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.index_select(0, index))
+        self._slots = None
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.seen is None else int(self.seen.max())
 
@@ -488,3 +522,10 @@ def _extend(t: torch.Tensor, size: int, dim: int, fill: float = 0) -> torch.Tens
     shape = list(t.shape)
     shape[dim] = size - shape[dim]
     return torch.cat([t, t.new_full(shape, fill)], dim=dim)
+
+
+def _cat_rows(mine: torch.Tensor | None, theirs: torch.Tensor | None) -> torch.Tensor | None:
+    """Two layers' (B, H, S, D) buffers, one after the other along the batch."""
+    if mine is None or theirs is None:
+        return mine if theirs is None else theirs
+    return torch.cat([mine, theirs])
