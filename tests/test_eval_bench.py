@@ -25,6 +25,9 @@ needs_benchmarks = pytest.mark.skipif(not (BENCHMARKS / "gsm8k_test.jsonl").is_f
                                       reason=f"benchmark files not found at {BENCHMARKS} (set TAH_BENCHMARKS)")
 TAH = [sys.executable, "-m", "tah.cli"]
 VOLATILE = ("tokens_per_second", "generation_seconds")  # timings differ between runs; nothing else may
+MADE_UP = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+            "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b:,}"}
+           for a, b in [(3, 4), (12, 30), (7, 8), (1200, 34), (5, 5)]]
 
 
 def run_tah(*args, timeout=300) -> subprocess.CompletedProcess:
@@ -52,11 +55,18 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def gsm8k_five(tmp_path_factory) -> Path:
-    """Five GSM8K-style problems (short, so the tiny model's positions suffice)."""
-    rows = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
-             "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b:,}"}
-            for a, b in [(3, 4), (12, 30), (7, 8), (1200, 34), (5, 5)]]
-    return write_jsonl(tmp_path_factory.mktemp("data") / "gsm8k.jsonl", rows)
+    """GSM8K's first five test problems (five made-up ones in its format where the files are absent)."""
+    where = tmp_path_factory.mktemp("gsm8k") / "gsm8k_five.jsonl"
+    real = BENCHMARKS / "gsm8k_test.jsonl"
+    if real.is_file():
+        where.write_text("".join(real.read_text().splitlines(keepends=True)[:5]))
+        return where
+    return write_jsonl(where, MADE_UP)
+
+
+@pytest.fixture(scope="module")
+def made_up_five(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "gsm8k.jsonl", MADE_UP)
 
 
 def summary_of(directory: Path) -> dict:
@@ -67,8 +77,8 @@ def summary_of(directory: Path) -> dict:
 # -- tasks: files as problems --------------------------------------------------------------------------------
 
 
-def test_gsm8k_rows_become_problems_with_the_number_after_hashes(gsm8k_five):
-    loaded = load_problems("gsm8k", gsm8k_five)
+def test_gsm8k_rows_become_problems_with_the_number_after_hashes(made_up_five):
+    loaded = load_problems("gsm8k", made_up_five)
     assert [p.id for p in loaded.problems] == ["0", "1", "2", "3", "4"]  # no id field: the line number
     assert [p.gold for p in loaded.problems] == ["7", "42", "15", "1234", "10"]  # thousands comma dropped
     assert loaded.problems[0].question.startswith("Tom has 3 apples") and loaded.skipped == []
@@ -107,16 +117,14 @@ def test_every_benchmark_file_loads_whole():
 
 
 def test_eval_killed_midway_resumes_to_the_uninterrupted_result(checkpoint, gsm8k_five, tmp_path):
-    """Seeded sampling, 2 samples a problem, batches of 2: a SIGKILL after the first batch is written,
-    then the same command again, gives the files of a run that was never stopped."""
-    command = [*TAH, "eval", "--model", checkpoint, "--task", "gsm8k", "--data", gsm8k_five, "--samples", "2",
-               "--batch-size", "2", "--max-new-tokens", "24", "--seed", "7", "--no-progress"]
-    whole = run_tah(*command[len(TAH):], "--out", tmp_path / "whole")
-    assert whole.returncode == 0, whole.stderr
-    assert "gsm8k: accuracy" in whole.stdout and "10 samples" not in whole.stdout
+    """Seeded sampling, 2 samples a problem, batches of 2: a real `tah eval` killed (SIGKILL) after its
+    first batch is written, then the same command again, gives the files of a run never stopped."""
+    command = ["eval", "--model", checkpoint, "--task", "gsm8k", "--data", gsm8k_five, "--samples", "2",
+               "--batch-size", "2", "--max-new-tokens", "16", "--seed", "7", "--no-progress"]
+    assert main([*map(str, command), "--out", str(tmp_path / "whole")]) == 0
 
     stopped = tmp_path / "stopped"
-    child = subprocess.Popen([*map(str, command), "--out", str(stopped)], stdout=subprocess.DEVNULL,
+    child = subprocess.Popen([*TAH, *map(str, command), "--out", str(stopped)], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     written = 0
     deadline = time.monotonic() + 120
@@ -131,18 +139,19 @@ def test_eval_killed_midway_resumes_to_the_uninterrupted_result(checkpoint, gsm8
     assert child.returncode == -signal.SIGKILL and 2 <= written < 10, "the run ended before it could be killed"
     assert len((stopped / "samples.jsonl").read_text().splitlines()) < 10
 
-    resumed = run_tah(*command[len(TAH):], "--out", stopped)
-    assert resumed.returncode == 0, resumed.stderr
+    assert main([*map(str, command), "--out", str(stopped)]) == 0  # the same command resumes
     assert summary_of(stopped) == summary_of(tmp_path / "whole")
     assert (stopped / "samples.jsonl").read_text() == (tmp_path / "whole" / "samples.jsonl").read_text()
+    assert sorted(path.name for path in stopped.iterdir()) == ["samples.jsonl", "summary.json"]
     summary = summary_of(stopped)
     assert summary["n"] == 5 and summary["samples"] == 2 and set(summary["pass_at_k"]) == {"1", "2"}
     assert summary["settings"] == {"threshold": 0.9, "max_iter": 2, "temperature": 0.6, "top_p": 0.95, "top_k": 20,
-                                   "max_new_tokens": 24, "greedy": False, "prompt_template": None, "samples": 2,
+                                   "max_new_tokens": 16, "greedy": False, "prompt_template": None, "samples": 2,
                                    "limit": None, "seed": 7, "batch_size": 2}
     records = [json.loads(line) for line in (stopped / "samples.jsonl").read_text().splitlines()]
     assert [(r["id"], r["sample"]) for r in records] == [(str(i), s) for i in range(5) for s in range(2)]
-    assert records[0]["gold"] == "7" and records[0]["prompt"].startswith("<bos><|user|>Tom has 3 apples")
+    first = load_problems("gsm8k", gsm8k_five).problems[0]
+    assert records[0]["gold"] == first.gold and records[0]["prompt"] == f"<bos><|user|>{first.question}<|assistant|>"
     assert all(r["tokens"] == len(r["passes"]) and r["completion"] is not None for r in records)
     assert summary["tokens"] == sum(r["tokens"] for r in records)
 

@@ -41,6 +41,13 @@ def write_atomic(path, text: str) -> None:
         raise
 
 
+def remove_stale_temporaries(directory) -> None:
+    """Delete the temporary files that a run killed inside `write_atomic` left in `directory`."""
+    for name in ("samples.jsonl", "summary.json"):
+        for stale in Path(directory).glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
 def write_samples(path, records: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 

@@ -78,10 +78,9 @@ def grade_completions(task: Task, loaded: Loaded, records: list[dict], *, timeou
 
 def write_graded(out, task: Task, records: list[dict], skipped_rows: int, skipped_lines: int) -> dict:
     """OUT/samples.jsonl and OUT/summary.json (as `tah eval` writes them); returns the summary."""
-    settings = dict.fromkeys(SETTINGS)
-    summary = summarize(records, task=task.name, model=None, skipped=skipped_rows, settings=settings,
+    summary = summarize(records, task=task.name, model=None, skipped=skipped_rows, settings=dict.fromkeys(SETTINGS),
                         tokens_per_second=None)
-    settings["samples"] = summary["samples"]
+    summary["settings"]["samples"] = summary["samples"]  # the only setting known here: the rest were elsewhere
     summary["skipped_samples"] = skipped_lines
     write_samples(Path(out) / "samples.jsonl", records)
     write_summary(Path(out) / "summary.json", summary)

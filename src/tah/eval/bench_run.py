@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tah.errors import CheckpointError, InputError
-from tah.eval.bench_files import read_samples, read_summary, summarize, write_samples, write_summary
+from tah.eval.bench_files import (
+    read_samples,
+    read_summary,
+    remove_stale_temporaries,
+    summarize,
+    write_samples,
+    write_summary,
+)
 from tah.eval.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S
 from tah.eval.tasks import Loaded, Problem, Task
 
@@ -198,6 +205,7 @@ class Runner:
 
         from tah.eval.grading import grade
 
+        remove_stale_temporaries(self.directory)
         pairs = [(problem, sample) for problem in problems for sample in range(self.options.samples)]
         wanted = {(problem.id, sample) for problem, sample in pairs}
         done = {(r["id"], r["sample"]): r for r in read_samples(self.directory / "samples.jsonl")
