@@ -155,8 +155,10 @@ def _summary_line(summary: dict, where) -> str:
         return "-" if value is None else f"{value:.1%}"
 
     pass_k = ", ".join(f"pass@{k} {share(v)}" for k, v in summary["pass_at_k"].items())
-    speed = summary.get("tokens_per_second")
-    extra = f", {speed:.1f} tokens/s" if speed else ""
-    return (f"{summary['task']}: accuracy {share(summary['accuracy'])} over {summary['n']} problems x "
-            f"{summary['samples']} samples ({pass_k}), {share(summary['iterated_share'])} of "
-            f"{summary['tokens'] if summary['tokens'] is not None else '-'} tokens iterated{extra} -> {where}")
+    line = (f"{summary['task']}: accuracy {share(summary['accuracy'])} over {summary['n']} problems x "
+            f"{summary['samples']} samples ({pass_k})")
+    if summary["iterated_share"] is not None:
+        line += f", {share(summary['iterated_share'])} of {summary['tokens']} tokens iterated"
+    if summary.get("tokens_per_second"):
+        line += f", {summary['tokens_per_second']:.1f} tokens/s"
+    return f"{line} -> {where}"
