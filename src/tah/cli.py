@@ -90,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Each pipeline stage registers its own subcommand next to its code.
     from tah.data.cli import register_label
+    from tah.eval.cli import register_eval, register_grade
+    from tah.serve.cli import register_serve
     from tah.train.cli import register_prune, register_train
 
-    for register in (register_label, register_prune, register_train):
+    for register in (register_label, register_prune, register_train, register_eval, register_grade, register_serve):
         register(commands)
     return parser
 
