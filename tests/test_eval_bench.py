@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib
+import itertools
 import json
 import os
 import signal
@@ -23,6 +25,7 @@ from tah.toy.tokenizer import build_char_tokenizer
 BENCHMARKS = Path(os.environ.get("TAH_BENCHMARKS", Path(__file__).resolve().parents[2] / "shared" / "benchmarks"))
 needs_benchmarks = pytest.mark.skipif(not (BENCHMARKS / "gsm8k_test.jsonl").is_file(),
                                       reason=f"benchmark files not found at {BENCHMARKS} (set TAH_BENCHMARKS)")
+COPIES = Path(__file__).resolve().parent / "fixtures" / "benchmarks"  # GSM8K's first 400 rows, HumanEval, MATH-500
 TAH = [sys.executable, "-m", "tah.cli"]
 VOLATILE = ("tokens_per_second", "generation_seconds")  # timings differ between runs; nothing else may
 MADE_UP = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
@@ -55,13 +58,11 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def gsm8k_five(tmp_path_factory) -> Path:
-    """GSM8K's first five test problems (five made-up ones in its format where the files are absent)."""
+    """GSM8K's first five test problems (from the copy in tests/fixtures/benchmarks)."""
     where = tmp_path_factory.mktemp("gsm8k") / "gsm8k_five.jsonl"
-    real = BENCHMARKS / "gsm8k_test.jsonl"
-    if real.is_file():
-        where.write_text("".join(real.read_text().splitlines(keepends=True)[:5]))
-        return where
-    return write_jsonl(where, MADE_UP)
+    with gzip.open(COPIES / "gsm8k_test.jsonl.gz", "rt") as rows:
+        where.write_text("".join(itertools.islice(rows, 5)))
+    return where
 
 
 @pytest.fixture(scope="module")
@@ -198,10 +199,9 @@ def test_a_directory_of_another_run_is_refused(checkpoint, gsm8k_five, tmp_path,
     assert f"{tmp_path} holds another run (temperature 0.6 there, 1.0 now)" in capsys.readouterr().err
 
 
-@needs_benchmarks
 def test_eval_on_humaneval_runs_the_tests_in_the_sandbox(checkpoint, tmp_path):
     assert main(["eval", "--model", str(checkpoint), "--task", "humaneval", "--data",
-                 str(BENCHMARKS / "humaneval.jsonl.gz"), "--out", str(tmp_path), "--greedy", "--max-new-tokens", "4",
+                 str(COPIES / "humaneval.jsonl.gz"), "--out", str(tmp_path), "--greedy", "--max-new-tokens", "4",
                  "--limit", "2", "--no-progress", "--timeout", "5"]) == 0
     records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == ["HumanEval/0", "HumanEval/1"]
