@@ -23,6 +23,9 @@ def register_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-waiting", type=int, default=256,
                        help="requests queued for a place in the batch; more are answered 503 (default: 256)")
     serve.add_argument("--threshold", type=float, default=None, help="decider threshold (default: the checkpoint's)")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="CPU threads for the model's products (default: torch's). On a busy CPU, fewer "
+                            "threads than cores leave one for the HTTP side and avoid threads waiting on each other")
     serve.add_argument("--served-name", default=None, help="the model name clients send (default: --model as given)")
     serve.set_defaults(run=_serve)
 
@@ -30,8 +33,15 @@ def register_serve(commands: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from tah.errors import InputError
     from tah.serve.app import load_app
 
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise InputError(f"--threads must be >= 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
     app = load_app(args.model, threshold=args.threshold, served_name=args.served_name, max_batch=args.max_batch,
                    max_waiting=args.max_waiting)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
