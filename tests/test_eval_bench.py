@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import randomize_lora, tiny_lm
 from tah import TaHConfig, TaHForCausalLM
@@ -189,6 +190,24 @@ def test_several_thresholds_share_the_model_and_write_a_directory_each(checkpoin
     assert never["iterated_share"] == 0 and always["iterated_share"] > 0.5  # the decider's p > 1 never holds
     assert always["n"] == never["n"] == 2 and always["settings"]["greedy"] is True
     assert capsys.readouterr().out.count("gsm8k: accuracy") == 2
+
+
+def test_a_plain_hugging_face_model_is_evaluated_as_the_one_pass_baseline(gsm8k_five, tmp_path, capsys):
+    """A Standard model trained anywhere (no tah_config.json) answers exactly as HF's greedy generate does."""
+    tokenizer = build_char_tokenizer(model_max_length=2048)
+    base = tiny_lm(vocab=len(tokenizer), max_positions=1024, seed=3)
+    where = tmp_path / "plain"
+    base.save_pretrained(where)
+    tokenizer.save_pretrained(where)
+    assert main(["eval", "--model", str(where), "--task", "gsm8k", "--data", str(gsm8k_five), "--out",
+                 str(tmp_path / "out"), "--greedy", "--max-new-tokens", "6", "--limit", "2", "--no-progress"]) == 0
+    assert "plain Hugging Face model: evaluated as one pass" in capsys.readouterr().err
+    assert summary_of(tmp_path / "out")["iterated_share"] == 0
+    for record in map(json.loads, (tmp_path / "out" / "samples.jsonl").read_text().splitlines()):
+        ids = torch.tensor([tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]])
+        expected = base.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+        assert record["completion"] == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def test_a_directory_of_another_run_is_refused(checkpoint, gsm8k_five, tmp_path, capsys):

@@ -51,7 +51,8 @@ def _read_run(path: Path) -> Run:
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
         settings = summary.get("settings") or {}
-        threshold = settings.get("threshold")
+        # a one-pass model (max_iter 1: Standard, a plain HF model) has no threshold that means anything
+        threshold = None if settings.get("max_iter") == 1 else settings.get("threshold")
         return Run(model=str(summary.get("model") or path.parent.name), task=str(summary["task"]),
                    threshold=None if threshold is None else float(threshold),
                    accuracy=float(summary["accuracy"]), n=int(summary["n"]),

@@ -171,13 +171,18 @@ def load_model(options: EvalOptions):
     import torch
     from transformers import AutoTokenizer
 
+    from tah.model.checkpoint import load_tah_or_plain
     from tah.model.tah_model import TaHForCausalLM
 
     overrides = {"threshold": options.thresholds[0]}
     if options.max_iter is not None:
         overrides["max_iter"] = options.max_iter
     cuda = torch.cuda.is_available()
-    model = TaHForCausalLM.from_pretrained(options.model, dtype=torch.bfloat16 if cuda else None, **overrides)
+    model, plain = load_tah_or_plain(TaHForCausalLM, options.model, dtype=torch.bfloat16 if cuda else None,
+                                     **overrides)
+    if plain:
+        print(f"tah: {options.model} is a plain Hugging Face model: evaluated as one pass (the Standard baseline)",
+              file=sys.stderr)
     model = model.to("cuda" if cuda else "cpu").eval()
     where = options.tokenizer or options.model
     try:

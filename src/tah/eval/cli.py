@@ -23,7 +23,7 @@ OUT/threshold-<t>/ and they share the loaded model.
   tah eval --model CKPT --task gsm8k --data ../shared/benchmarks/gsm8k_test.jsonl --out runs/gsm8k
   tah eval --model CKPT --task math500 --data ../shared/benchmarks/math500.jsonl --out runs/m500 \\
       --prompt-template boxed --samples 4 --threshold 0.5,0.9
-  tah eval --report runs/gsm8k runs/m500 [--out plot.png]     (a table and a plot of finished runs)
+  tah eval --report runs/gsm8k runs/m500 [--out DIR]   (a table, DIR/report.json and DIR/report.png)
 """
 
 GRADE_DESCRIPTION = """\
@@ -42,7 +42,8 @@ def register_eval(commands: argparse._SubParsersAction) -> None:
                               description=EVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--model", help="TaH checkpoint directory (ours or the original layout)")
     _data_arguments(run)
-    run.add_argument("--out", help="output directory (with --report: where the plot goes)")
+    run.add_argument("--out", help="output directory (with --report: where report.json and report.png go; "
+                                    "default: the first report directory)")
     run.add_argument("--tokenizer", help="tokenizer directory, with a chat template (default: --model)")
     run.add_argument("--prompt-template", metavar="TEXT",
                      help="an instruction added on a line after each question, or a template with {question}; "

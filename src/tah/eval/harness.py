@@ -47,7 +47,8 @@ class IterationStats:
 
 @register_model("tah")
 class TaHLM(TemplateLM):
-    """model_args: pretrained (a TaH checkpoint directory with its tokenizer), threshold (decider
+    """model_args: pretrained (a TaH checkpoint directory with its tokenizer; a plain Hugging Face model
+    directory runs as one pass, the Standard baseline), threshold (decider
     threshold; default the checkpoint's), batch_size (default 8), max_length (tokens of context;
     default the base model's max_position_embeddings), device ("cpu", "cuda", ...; default cuda when
     available), dtype ("float32", "bfloat16", "float16"; default float32 on CPU, bfloat16 on CUDA)."""
@@ -56,11 +57,14 @@ class TaHLM(TemplateLM):
                  max_length: int | None = None, device: str | None = None, dtype: str | None = None,
                  **_: object) -> None:
         super().__init__()
+        from tah.model.checkpoint import load_tah_or_plain
         from tah.model.tah_model import TaHForCausalLM
 
         device = _device(device)
         overrides = {} if threshold is None else {"threshold": float(threshold)}
-        model = TaHForCausalLM.from_pretrained(pretrained, **overrides)
+        model, plain = load_tah_or_plain(TaHForCausalLM, pretrained, **overrides)
+        if plain:
+            log.warning("tah: %s is a plain Hugging Face model: scored as one pass (the Standard baseline)", pretrained)
         self.model = model.to(device=device, dtype=_dtype(dtype, device)).eval()
         self.tokenizer = _tokenizer(pretrained)
         self.pretrained = str(pretrained)

@@ -123,6 +123,24 @@ def load_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = No
     return model.to(dtype) if dtype is not None else model
 
 
+def load_tah_or_plain(cls, path: str | os.PathLike, dtype: torch.dtype | None = None, **overrides):
+    """A TaH checkpoint as `load_pretrained` reads it; or, for a plain Hugging Face causal LM directory
+    (config.json and weights, no tah_config.json), that model as the one-pass baseline (max_iter 1,
+    decider "never": exactly the base model), so that evaluation compares TaH with a Standard model
+    trained anywhere. Returns (model, plain: bool). `overrides` apply to TaH checkpoints only."""
+    from transformers import AutoModelForCausalLM
+
+    root = Path(path)
+    if (root / "tah_config.json").is_file() or not (root / "config.json").is_file():
+        return load_pretrained(cls, root, dtype=dtype, **overrides), False
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, SafetensorError, RuntimeError) as err:
+        raise CheckpointError(f"{root} has no tah_config.json and does not load as a Hugging Face causal LM "
+                              f"either: {err}") from err
+    return cls(lm, TaHConfig(max_iter=1, decider="never")), True
+
+
 def _load_adapters(model, root: Path) -> None:
     if not model.lora:
         return
