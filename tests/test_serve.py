@@ -21,8 +21,8 @@ import openai
 import pytest
 import torch
 import uvicorn
-from conftest import randomize_lora, tiny_lm
 
+from conftest import randomize_lora, tiny_lm
 from tah import TaHConfig, TaHForCausalLM, generate
 from tah.serve.app import load_app
 from tah.toy.tokenizer import build_char_tokenizer

@@ -36,10 +36,26 @@ class Job:
     sent: int = 0  # tokens handed over so far
 
     def put(self, *event) -> None:
+        deliver([(self, event)])
+
+
+def deliver(events: list[tuple[Job, tuple]]) -> None:
+    """Hand events to their jobs' queues from the engine thread: one wake-up of each asyncio loop
+    for the lot (a step's tokens for every row), not one per event."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, tuple]]] = {}
+    for job, event in events:
+        by_loop.setdefault(job.loop, []).append((job, event))
+    for loop, batch in by_loop.items():
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            loop.call_soon_threadsafe(_put_all, batch)
         except RuntimeError:  # the loop is closed: nobody listens any more
-            self.cancelled = True
+            for job, _ in batch:
+                job.cancelled = True
+
+
+def _put_all(batch: list[tuple[Job, tuple]]) -> None:
+    for job, event in batch:
+        job.events.put_nowait(event)
 
 
 class QueueFull(Exception):
@@ -127,19 +143,21 @@ class Engine:
 
     def _publish(self, rows: list[Row]) -> None:
         """Hand each row's new tokens to its job; finished rows leave the batch."""
-        finished = []
+        finished, events, passes = [], [], []
         for row in rows:
             job = self.jobs[id(row)]
             if len(row.tokens) > job.sent:
                 if job.sent == 0:
                     self.metrics.ttft.observe(time.perf_counter() - job.arrived)
                 new = slice(job.sent, len(row.tokens))
-                job.put("tokens", row.tokens[new], row.passes[new], row.logprobs[new])
-                self.metrics.count_tokens(row.passes[new])
+                events.append((job, ("tokens", row.tokens[new], row.passes[new], row.logprobs[new])))
+                passes += row.passes[new]
                 job.sent = len(row.tokens)
             if row.done:
-                job.put("done", finish_reason(row))
+                events.append((job, ("done", finish_reason(row))))
                 finished.append(row)
+        deliver(events)
+        self.metrics.count_tokens(passes)
         if finished:
             self.decoder.leave(finished)
             for row in finished:
