@@ -137,6 +137,10 @@ class Engine:
             except TaHError as err:  # settings the checks before it let through
                 job.put("error", str(err), 400)
                 continue
+            except Exception:  # a bug in one prefill fails that request, not the server
+                log.exception("prefill failed; the request gets an error")
+                job.put("error", "internal error while reading the prompt (see the server log)", 500)
+                continue
             self.metrics.prompt_tokens.inc(len(job.request.prompt))
             self.jobs[id(row)] = job
             self._publish([row])
