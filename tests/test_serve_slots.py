@@ -7,8 +7,8 @@ import random
 
 import pytest
 import torch
-from conftest import randomize_lora, tiny_tah
 
+from conftest import randomize_lora, tiny_tah
 from tah import generate
 from tah.generation.generate import _generator
 from tah.generation.sampling import Sampler

@@ -205,7 +205,8 @@ class _Reply:
                 elif event[0] == "error":
                     self.server.metrics.requests.labels(endpoint, "error").inc()
                     done = True
-                    raise RequestError(event[1], None, status=event[2])
+                    kind = "invalid_request_error" if event[2] < 500 else "server_error"
+                    raise RequestError(event[1], None, status=event[2], kind=kind)
                 else:
                     done = True
         finally:
