@@ -100,12 +100,6 @@ def run_label(args: argparse.Namespace) -> None:
 
 
 def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
+    from tah.model.checkpoint import load_tokenizer
 
-    from tah.errors import CheckpointError
-
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot load a tokenizer from {path}: {err}; give --tokenizer DIR with the "
-                              "reference model's tokenizer files") from err
+    return load_tokenizer(path, "give --tokenizer DIR with the reference model's tokenizer files")

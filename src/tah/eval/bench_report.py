@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tah.errors import InputError
+from tah.eval.report import save_png, write_results
 
 SUMMARY = "summary.json"
 
@@ -96,8 +97,6 @@ def report(dirs: list[str], out: str | os.PathLike | None = None) -> dict:
     table = [{"model": row["model"], "threshold": row["threshold"],
               **{task: {"accuracy": row[task].accuracy, "iterated_share": row[task].iterated_share, "n": row[task].n}
                  for task in tasks if task in row}} for row in rows]
-    from tah.eval.report import write_results
-
     json_path = write_results({"tasks": tasks, "rows": table}, out / "report.json")
     png_path = plot_tradeoff(runs, out / "report.png")
     print(f"wrote {json_path} and {png_path}")
@@ -160,12 +159,3 @@ def plot_tradeoff(runs: list[Run], path: str | os.PathLike) -> Path:
     figure.tight_layout()
     return save_png(figure, path)
 
-
-def save_png(figure, path: str | os.PathLike) -> Path:
-    """Write a matplotlib figure as PNG atomically (a temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path

@@ -169,9 +169,8 @@ def run_eval(options: EvalOptions, loaded: Loaded) -> list[dict]:
 
 def load_model(options: EvalOptions):
     import torch
-    from transformers import AutoTokenizer
 
-    from tah.model.checkpoint import load_tah_or_plain
+    from tah.model.checkpoint import load_tah_or_plain, load_tokenizer
     from tah.model.tah_model import TaHForCausalLM
 
     overrides = {"threshold": options.thresholds[0]}
@@ -185,10 +184,7 @@ def load_model(options: EvalOptions):
               file=sys.stderr)
     model = model.to("cuda" if cuda else "cpu").eval()
     where = options.tokenizer or options.model
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot load a tokenizer from {where}: {err}; give --tokenizer DIR") from err
+    tokenizer = load_tokenizer(where, "give --tokenizer DIR")
     if not getattr(tokenizer, "chat_template", None):
         raise CheckpointError(f"the tokenizer in {where} has no chat template; tah eval puts each question "
                               "through it (as the original evaluation does): give --tokenizer DIR of the chat model")

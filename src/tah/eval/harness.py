@@ -57,7 +57,7 @@ class TaHLM(TemplateLM):
                  max_length: int | None = None, device: str | None = None, dtype: str | None = None,
                  **_: object) -> None:
         super().__init__()
-        from tah.model.checkpoint import load_tah_or_plain
+        from tah.model.checkpoint import load_tah_or_plain, load_tokenizer
         from tah.model.tah_model import TaHForCausalLM
 
         device = _device(device)
@@ -66,7 +66,7 @@ class TaHLM(TemplateLM):
         if plain:
             log.warning("tah: %s is a plain Hugging Face model: scored as one pass (the Standard baseline)", pretrained)
         self.model = model.to(device=device, dtype=_dtype(dtype, device)).eval()
-        self.tokenizer = _tokenizer(pretrained)
+        self.tokenizer = load_tokenizer(pretrained)
         self.pretrained = str(pretrained)
         self._device = torch.device(device)
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
@@ -244,18 +244,6 @@ def _device(name: str | None) -> str:
             log.warning("tah: device %s asked for but CUDA is not available; running on the CPU", name)
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
-
-
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    from tah.errors import CheckpointError
-
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"no tokenizer in {path} ({err}); save the tokenizer next to the checkpoint "
-                              "(tokenizer.save_pretrained(CKPT))") from err
 
 
 def _dtype(name: str | None, device: str) -> torch.dtype:

@@ -119,7 +119,11 @@ def plot_sweep(sweep: list, path: str | os.PathLike, references: dict | list | N
     """PNG of `threshold_sweep` output, written atomically; returns the path. `sweep` is one run's
     points or a list of them, one per seed; `references` {name: {"iterated_share", "accuracy"}}
     (e.g. Standard, AlwaysIterate) likewise, or one such dict per seed. See `sweep_figure`."""
-    figure = sweep_figure(sweep, references, title, label)
+    return save_png(sweep_figure(sweep, references, title, label), path)
+
+
+def save_png(figure, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure as PNG atomically (a temp file in the same folder, then os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

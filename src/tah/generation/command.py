@@ -18,19 +18,19 @@ PLAIN_LEGEND = "depth (plain text): a token in n-1 pairs of brackets made n pass
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from tah.generation.generate import generate
     from tah.generation.render import legend
     from tah.generation.stream import DepthStreamer
+    from tah.model.checkpoint import load_tokenizer
     from tah.model.tah_model import TaHForCausalLM
 
     hf_logging.disable_progress_bar()  # a bar for loading weights of a local checkpoint is noise here
     console = Console(highlight=False)
     overrides = {} if args.threshold is None else {"threshold": args.threshold}
     model = TaHForCausalLM.from_pretrained(args.model, **overrides).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    tokenizer = load_tokenizer(args.model)
     lost = unknown_characters(tokenizer, args.prompt)
     if lost:
         warn(f"the tokenizer of {args.model} has no token for {', '.join(map(repr, lost))} in the prompt: the "

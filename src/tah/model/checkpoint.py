@@ -123,6 +123,18 @@ def load_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = No
     return model.to(dtype) if dtype is not None else model
 
 
+def load_tokenizer(path: str | os.PathLike, fix: str = "save the tokenizer next to the model "
+                   "(tokenizer.save_pretrained(DIR))"):
+    """The tokenizer saved in `path` (local files only, nothing downloads). Raises CheckpointError
+    naming `path`, the cause and `fix` (what the caller's user should do)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot load a tokenizer from {path}: {err}; {fix}") from err
+
+
 def load_tah_or_plain(cls, path: str | os.PathLike, dtype: torch.dtype | None = None, **overrides):
     """A TaH checkpoint as `load_pretrained` reads it; or, for a plain Hugging Face causal LM directory
     (config.json and weights, no tah_config.json), that model as the one-pass baseline (max_iter 1,

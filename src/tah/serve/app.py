@@ -280,8 +280,7 @@ def _sse(payload: dict) -> str:
 def load_app(model_dir: str, *, threshold: float | None = None, served_name: str | None = None,
              max_batch: int = 32, max_waiting: int = 256) -> FastAPI:
     """The app `tah serve` runs: the checkpoint and its tokenizer loaded from `model_dir`."""
-    from transformers import AutoTokenizer
-
+    from tah.model.checkpoint import load_tokenizer
     from tah.model.tah_model import TaHForCausalLM
 
     for option, value in (("--max-batch", max_batch), ("--max-waiting", max_waiting)):
@@ -289,6 +288,6 @@ def load_app(model_dir: str, *, threshold: float | None = None, served_name: str
             raise InputError(f"{option} must be >= 1; got {value}")
     overrides = {} if threshold is None else {"threshold": threshold}
     model = TaHForCausalLM.from_pretrained(model_dir, **overrides).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = load_tokenizer(model_dir)
     return build_app(model, tokenizer, model_name=served_name or str(model_dir), max_batch=max_batch,
                      max_waiting=max_waiting)

@@ -237,7 +237,9 @@ def prune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.P
     """Load the HF model at `model_dir`, greedily remove `layers` decoder layers on the calibration
     data, and write the pruned model, the model's tokenizer and `prune_report.json` to `out`
     (staged in a temporary sibling, then renamed into place; an existing `out` is replaced)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from tah.model.checkpoint import load_tokenizer
 
     source = Path(model_dir)
     if not (source / "config.json").is_file():
@@ -249,7 +251,7 @@ def prune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.P
             raise ConfigError(f"{name} must be >= {low}; got {value}")
     model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True).eval()
     check_k(layers, num_layers(model))
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    tokenizer = load_tokenizer(source)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches = calibration_batches(data, tokenizer, max_length, batch_size, max_rows, pad or 0)
     report = choose_layers(model, batches, layers, progress=progress)

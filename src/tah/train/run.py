@@ -19,9 +19,10 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
 
 from tah.errors import ConfigError, InputError
+from tah.model.checkpoint import load_tokenizer
 from tah.model.decider import build_decider
 from tah.model.tah_model import TaHForCausalLM
 from tah.train import checkpoints
@@ -93,10 +94,7 @@ def _check_paths(recipe: Recipe) -> None:
 
 def _tokenizer(recipe: Recipe):
     source = recipe.tokenizer or recipe.model
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot load a tokenizer from {source}: {err}; set `tokenizer:` in the recipe") from err
+    tokenizer = load_tokenizer(source, "set `tokenizer:` in the recipe")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
