@@ -1,4 +1,5 @@
-"""One attention rule: every path of `TaHForCausalLM` against a dense, cache-free reference.
+"""One attention rule: every path of `TaHForCausalLM` against the dense, cache-free reference
+(`tah.model.reference`), over random batches, paddings, deciders and chunkings.
 
 The reference shares no code with the cache, packing or mask code. At depth d it runs the wrapped
 HF model once over *all* entries of depths 0..d (a depth-k entry exists for a token iff the token
@@ -16,86 +17,11 @@ from hypothesis import strategies as st
 from conftest import tiny_tah
 from tah.model import sdpa
 from tah.model.attention import additive_mask, duo_causal_visible
-from tah.model.soft_input import soft_embedding
+from tah.model.reference import reference_forward as dense_reference
+from tah.model.reference import visible as naive_visible
 
 ATOL = 1e-4
 VOCAB = 64
-
-
-# -- the dense reference ------------------------------------------------------------------------
-def naive_visible(q_pos: int, q_depth: int, k_pos: int, k_depth: int, k_valid: bool) -> bool:
-    """The duo-causal rule, written out for one (query, key) pair."""
-    return bool(k_valid) and k_pos <= q_pos and k_depth <= q_depth
-
-
-def dense_reference(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rule=naive_visible):
-    """TaH forward, depth by depth, with no cache: returns (logits (B, T, V), iter_count (B, T)).
-
-    `rule(q_pos, q_depth, k_pos, k_depth, k_valid) -> bool` decides visibility (swappable so a test
-    can show that a wrong rule gives different numbers).
-    """
-    batch, length = input_ids.shape
-    valid = attention_mask.bool().tolist()
-    positions = [[sum(row[:p]) if row[p] else 0 for p in range(length)] for row in valid]
-    embed = model.lm.get_input_embeddings()
-    table = embed.weight
-    token_embeds = embed(input_ids)
-    max_iter = model.tah_config.max_iter
-    topk = model.tah_config.input_topk
-
-    # One entry per (token, depth it reached): [column, position, depth, valid, input vector].
-    entries = [[(t, positions[b][t], 0, valid[b][t], token_embeds[b, t]) for t in range(length)]
-               for b in range(batch)]
-    acc = [[None] * length for _ in range(batch)]
-    iter_count = torch.ones(batch, length, dtype=torch.long)
-    for depth in range(max_iter):
-        width = max(len(row) for row in entries)
-        hidden_size = token_embeds.shape[-1]
-        x = token_embeds.new_zeros(batch, width, hidden_size)
-        pos = torch.zeros(batch, width, dtype=torch.long)
-        dep = torch.zeros(batch, width, dtype=torch.long)
-        ok = torch.zeros(batch, width, dtype=torch.bool)  # filler entries stay invalid
-        for b, row in enumerate(entries):
-            for i, (_, p, d, v, vec) in enumerate(row):
-                x[b, i], pos[b, i], dep[b, i], ok[b, i] = vec, p, d, v
-        mask = torch.full((batch, 1, width, width), torch.finfo(x.dtype).min, dtype=x.dtype)
-        for b in range(batch):
-            for i in range(width):
-                for j in range(width):
-                    if rule(int(pos[b, i]), int(dep[b, i]), int(pos[b, j]), int(dep[b, j]), bool(ok[b, j])):
-                        mask[b, 0, i, j] = 0.0
-        model.depth_state.set(dep)
-        try:
-            out = model.lm(inputs_embeds=x, position_ids=pos, attention_mask=mask, use_cache=False,
-                           output_hidden_states=True)
-        finally:
-            model.depth_state.set(0)
-
-        here = [(b, i, t, p) for b, row in enumerate(entries) for i, (t, p, d, _, _) in enumerate(row)
-                if d == depth]
-        for b, i, t, _ in here:
-            acc[b][t] = out.logits[b, i] if acc[b][t] is None else acc[b][t] + out.logits[b, i]
-            if depth > 0:
-                iter_count[b, t] += 1
-        if depth == max_iter - 1:
-            break
-        # Only real tokens may continue (padding has depth-0 entries only).
-        here = [(b, i, t, p) for b, i, t, p in here if valid[b][t]]
-        if not here:
-            break
-        flat_acc = torch.stack([acc[b][t] for b, _, t, _ in here])[None]
-        flat_hidden = tuple(h[[b for b, *_ in here], [i for _, i, *_ in here]][None] for h in out.hidden_states)
-        flat_pos = torch.tensor([p for *_, p in here])[None]
-        go_on, _ = model.decider(flat_acc, flat_hidden, flat_pos, depth)
-        moved = False
-        for k, (b, _, t, p) in enumerate(here):
-            if bool(go_on[0, k]):
-                soft = soft_embedding(acc[b][t][None], table, topk)[0]
-                entries[b].append((t, p, depth + 1, True, soft))
-                moved = True
-        if not moved:
-            break
-    return torch.stack([torch.stack(row) for row in acc]), iter_count
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -258,7 +258,8 @@ class TaHCache:
         lowest = torch.finfo(self.shallow_bias.dtype).min
         if isinstance(visible, bool):
             return 0.0 if visible else lowest
-        return torch.where(visible, 0.0, lowest).to(self.shallow_bias.dtype)
+        # not torch.where(visible, 0.0, lowest): its scalars make a float32 tensor, which float64's lowest overflows
+        return self.shallow_bias.new_zeros(visible.shape).masked_fill_(~visible, lowest)
 
     def _ensure_rows(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:
         if self.shallow_bias is not None and self.shallow_bias.dtype != dtype:

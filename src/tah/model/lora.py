@@ -92,6 +92,26 @@ class DepthState:
             (d, where), = self.selections.items()
             self.one_column = (where, d) if isinstance(where, int) else None
 
+    @contextmanager
+    def at(self, depth: int | torch.Tensor, dtype: torch.dtype | None = None,
+           real: torch.Tensor | None = None) -> Iterator[DepthState]:
+        """`set(depth, dtype, real)` for a `with` block, and depth 0 after it, also when the block
+        raises: every LoRA linear reads this state, so a pass that fails half-way must not leave the
+        wrapped model running its adapters in the next call."""
+        self.set(depth, dtype, real)
+        try:
+            yield self
+        finally:
+            self.set(0)
+
+    def set_each(self, depth: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """Depths per query, depth (B, T): every adapter runs on all queries under a mask of those at
+        its depth. The plain form of `set` (no packing of real queries, no column shortcuts), which
+        `tah.model.reference` runs."""
+        self.set(0)
+        self.depth, self.plain = depth, False
+        self.selections = {d: _mask((depth == d).reshape(-1, 1), dtype) for d in range(1, self.deepest + 1)}
+
     def _set_packed(self, depth: int | torch.Tensor, rows: list[int], device: torch.device,
                     dtype: torch.dtype | None) -> None:
         self.rows = torch.tensor(rows, device=device)

@@ -129,23 +129,16 @@ class TaHForCausalLM(nn.Module):
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  generation_config=None, streamer=None, **kwargs):
-        """HF-style `generate`: the usual arguments (max_new_tokens, do_sample, temperature, top_p,
-        top_k, min_p, eos_token_id, stop_strings, tokenizer, seed), or a `GenerationConfig`. Returns
-        the (B, prompt + new) sequences, or `tah.generate`'s output with return_dict_in_generate."""
+        """HF-style `generate`: the usual arguments (max_new_tokens or max_length, do_sample,
+        temperature, top_p, top_k, min_p, eos_token_id, stop_strings, tokenizer, seed), or a
+        `GenerationConfig`. Returns the (B, prompt + new) sequences, or `tah.generate`'s output with
+        return_dict_in_generate. Raises `InputError` naming any setting TaH cannot honour (num_beams,
+        repetition_penalty, ...) rather than ignoring it."""
         from tah.generation.generate import generate
+        from tah.generation.hf_args import generate_settings
 
-        settings = {}
-        for key in ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p", "eos_token_id",
-                    "stop_strings"):
-            value = getattr(generation_config, key, None)
-            if value is not None:
-                settings[key] = value
-        as_dict = kwargs.pop("return_dict_in_generate", False)
-        for ignored in ("pad_token_id", "use_cache", "output_scores"):
-            kwargs.pop(ignored, None)
-        settings.update(kwargs)
-        settings.setdefault("max_new_tokens", 20)  # HF's default length
-        settings.setdefault("eos_token_id", getattr(getattr(self.lm, "generation_config", None), "eos_token_id", None))
+        default_eos = getattr(getattr(self.lm, "generation_config", None), "eos_token_id", None)
+        settings, as_dict = generate_settings(generation_config, kwargs, input_ids.shape[-1], default_eos)
         out = generate(self, input_ids, attention_mask, streamer=streamer, **settings)
         return out if as_dict else out.sequences
 
@@ -367,10 +360,6 @@ class TaHForCausalLM(nn.Module):
         runs only there and the logits come back as (N_need, V), row-major. `head`, when given, replaces
         the LM head: it maps the final hidden states ((B, A, H), or their (N_need, H) rows) to what
         comes back instead of logits."""
-        # real: the linears skip padding queries in decode steps (DepthState.rows); not the LM head,
-        # which reads a 65 MB weight at bench_decode's size whatever its rows, and whose product
-        # at 9-12 rows took longer than at 16 (10.8 vs 7.4 ms, in-loop profile)
-        self.depth_state.set(depth, inputs.dtype, real)
         mask = cache.begin_pass(positions, depth, real, inputs.dtype)
         wanted = self.decider.needs_hidden if need_hidden else ()
         wanted = (list(wanted) if HF_SELECTS_HIDDEN else True) if wanted else False
@@ -380,9 +369,12 @@ class TaHForCausalLM(nn.Module):
         # head, and the capture of hidden states (hooks on every layer) when no decider reads them, are skipped.
         model = self._decoder() if own_head else self.lm
         extra = {} if own_head else {"logits_to_keep": 0}
-        out = model(inputs_embeds=inputs, position_ids=positions, attention_mask=mask, **{HF_CACHE_ARG: cache},
-                    use_cache=True, output_hidden_states=wanted, **extra)
-        self.depth_state.set(0)
+        # real: the linears skip padding queries in decode steps (DepthState.rows); not the LM head,
+        # which reads a 65 MB weight at bench_decode's size whatever its rows, and whose product
+        # at 9-12 rows took longer than at 16 (10.8 vs 7.4 ms, in-loop profile)
+        with self.depth_state.at(depth, inputs.dtype, real):  # depth 0 again after, also after an error
+            out = model(inputs_embeds=inputs, position_ids=positions, attention_mask=mask,
+                        **{HF_CACHE_ARG: cache}, use_cache=True, output_hidden_states=wanted, **extra)
         if not own_head:
             return out.logits, out.hidden_states
         final = out.last_hidden_state
