@@ -6,6 +6,11 @@ One code path serves training, prefill and decoding:
         -> decider (or oracle iter_labels) -> tokens that continue
         -> soft input from their accumulated logits -> depth-1 pass (those tokens only, adapter 1)
         -> accumulated logits += depth-1 logits -> decider ... until max_iter or nobody continues
+
+`forward` is that loop; each step is a method below with its contract. Where the LM head runs and how
+the logits add up (every token, the kept tail only, a head shared by two passes) is a plan from
+depth_logits.py, chosen once per call: speed only, the same numbers. The method written plainly,
+slow and cache-free, is `tah.model.reference`; the tests hold every fast path against it.
 """
 
 from __future__ import annotations
