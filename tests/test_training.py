@@ -94,7 +94,7 @@ def test_stage1_gradients_equal_plain_autograd_indexing(monkeypatch, loss_fn, sh
     """Gathering the hard tokens' depth-0 logits through rows_grad (their gradient added in place when
     only autograd holds acc's gradient), or through the shared head (shared_head.py), changes no
     gradient, whatever loss reads the logits."""
-    import tah.model.tah_model as tah_model
+    from tah.model import rows_grad
 
     ids, mask, labels, iter_labels = batch()
 
@@ -114,8 +114,8 @@ def test_stage1_gradients_equal_plain_autograd_indexing(monkeypatch, loss_fn, sh
         return grads | ({"shift": leaf.grad} if leaf.grad is not None else {})
 
     fast = gradients(shared_head)
-    monkeypatch.setattr(tah_model.GatherRows, "apply", staticmethod(lambda acc, index, rows: acc[index]))
-    monkeypatch.setattr(tah_model.DepthZeroLogits, "apply", staticmethod(lambda logits, rows: logits.flatten(0, 1)))
+    monkeypatch.setattr(rows_grad.GatherRows, "apply", staticmethod(lambda acc, index, rows: acc[index]))
+    monkeypatch.setattr(rows_grad.DepthZeroLogits, "apply", staticmethod(lambda logits, rows: logits.flatten(0, 1)))
     plain = gradients(False)
     assert fast.keys() == plain.keys() and len(fast) > 10
     for name, grad in plain.items():  # float32 sums in another order: tolerance relative to the scale

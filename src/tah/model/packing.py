@@ -55,3 +55,32 @@ class Packing:
         if self.full:
             return flat.unflatten(0, dest.shape[:2])
         return dest.index_put((self.rows, self.cols), flat)
+
+
+@dataclass
+class PassTokens:
+    """The tokens of one pass, packed into a (B, A) block: which tokens (packing), at which depth,
+    their inputs (B, A, H), positions (B, A), real (B, A) bool (False: padding of the block or of
+    the input) and oracle pass counts (B, A) (-100 where none; None without iter_labels)."""
+
+    packing: Packing
+    depth: int
+    inputs: torch.Tensor
+    positions: torch.Tensor
+    real: torch.Tensor
+    labels: torch.Tensor | None
+
+    @classmethod
+    def of(cls, packing: Packing, depth: int, inputs: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
+           iter_labels: torch.Tensor | None) -> PassTokens:
+        """The packed tokens with their packed `inputs`, reading valid, positions and iter_labels
+        (B, T) of the whole input."""
+        real = packing.pack(packing.gather(valid), fill=False)
+        packed_positions = packing.pack(packing.gather(positions))
+        labels = None if iter_labels is None else packing.pack(packing.gather(iter_labels), fill=-100)
+        return cls(packing, depth, inputs, packed_positions, real, labels)
+
+    def count_pass(self, iter_count: torch.Tensor) -> torch.Tensor:
+        """(B, T) pass counts with one more for each of these tokens."""
+        where = (self.packing.rows, self.packing.cols)
+        return iter_count.index_put(where, torch.ones_like(self.packing.rows), accumulate=True)

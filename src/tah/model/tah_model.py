@@ -6,6 +6,11 @@ One code path serves training, prefill and decoding:
         -> decider (or oracle iter_labels) -> tokens that continue
         -> soft input from their accumulated logits -> depth-1 pass (those tokens only, adapter 1)
         -> accumulated logits += depth-1 logits -> decider ... until max_iter or nobody continues
+
+`forward` is that loop; each step is a method below with its contract. Where the LM head runs and how
+the logits add up (every token, the kept tail only, a head shared by two passes) is a plan from
+depth_logits.py, chosen once per call: speed only, the same numbers. The method written plainly,
+slow and cache-free, is `tah.model.reference`; the tests hold every fast path against it.
 """
 
 from __future__ import annotations
@@ -25,12 +30,11 @@ from tah.model import few_rows
 from tah.model.attention import check_attn_implementation
 from tah.model.cache import TaHCache
 from tah.model.decider import Decider, MLPDecider, build_decider
+from tah.model.depth_logits import EveryTokenLogits, LogitsPlan, SharedHeadLogits, TailLogits
 from tah.model.lora import DepthLoRALinear, DepthState, add_depth_lora
-from tah.model.packing import Packing
-from tah.model.rows_grad import DepthZeroLogits, GatherRows, RowsGradient
+from tah.model.packing import Packing, PassTokens
 from tah.model.sdpa import use_tah_sdpa
 from tah.model.shared_head import SharedHead
-from tah.model.soft_input import soft_embedding, soft_embedding_of_top
 
 # transformers 5.24 renamed `past_key_values` to `cache` (model arguments and output fields); the
 # older name is deprecated there. The wrapped model is called with whichever its version uses.
@@ -60,6 +64,26 @@ class TaHOutput(ModelOutput):
     def past_key_values(self) -> TaHCache | None:
         """The cache under its pre-5.24 name (without the deprecation warning of newer versions)."""
         return self.cache
+
+
+@dataclass
+class ForwardCall:
+    """What one forward was asked, fixed for all its passes."""
+
+    batch: int
+    length: int
+    valid: torch.Tensor  # (B, T) bool, False = padding
+    positions: torch.Tensor  # (B, T) position ids
+    iter_labels: torch.Tensor | None  # (B, T) oracle pass counts, -100 = none
+    cache: TaHCache
+    max_iter: int
+    keep: int  # logits returned: those of the last `keep` columns (logits_to_keep), else T
+    stage2: bool  # decider training: base and LoRA frozen, the loss is the decider's BCE
+    early: bool  # decisions come before each pass (oracle labels, or a decider that reads no logits)
+
+    def frozen(self):
+        """no_grad in stage 2 (base and LoRA frozen), else nothing."""
+        return torch.no_grad() if self.stage2 else nullcontext()
 
 
 class _HeadLinear(torch.autograd.Function):
@@ -195,6 +219,37 @@ class TaHForCausalLM(nn.Module):
         that runs it in the same forward as its first step (saving a pass over the weights). The
         logits are then depth 0's and iter_count counts depth 0 only; the cache lacks the deferred
         entries until the caller runs them."""
+        call = self._forward_call(input_ids, attention_mask, labels, iter_labels, past_key_values, cache,
+                                  logits_to_keep, defer_deep)
+        plan = self._logits_plan(call)  # where the LM head runs and how logits add up: speed, not results
+        tokens = self._every_token(input_ids, call)  # depth 0: every token, its embedding as input
+        iter_count = torch.ones_like(input_ids)
+        decider_terms = []
+        for depth in range(1 if defer_deep else call.max_iter):  # defer_deep: the caller runs depth 1
+            last = depth == call.max_iter - 1
+            go_on = self._decide(tokens) if call.early and not last else None  # oracle labels, random decider
+            sums, hidden = plan.run(tokens, last, go_on)  # the pass at this depth; its logits added to the sums
+            if depth > 0:
+                iter_count = tokens.count_pass(iter_count)
+            if last:
+                break
+            if call.stage2:  # the decider's training signal at this depth
+                decider_terms.append(self._decider_term(tokens, sums, hidden, call))
+            if go_on is None:
+                go_on = self._decide(tokens, sums, hidden)
+            go_on_flat = tokens.packing.unpack(go_on)
+            if not bool(go_on_flat.any()):  # (a host sync, once a depth)
+                break
+            tokens = self._continuing(tokens, go_on_flat, plan, call)  # the hard tokens, with soft inputs
+        deferred = (tokens.inputs, tokens.positions, tokens.real) if defer_deep and tokens.depth == 1 else None
+        loss, scores, targets = self._loss(call, plan.logits, labels, num_items_in_batch, decider_terms)
+        return TaHOutput(loss=loss, logits=plan.logits.view(call.batch, call.keep, -1), iter_count=iter_count,
+                         cache=call.cache if use_cache else None, decider_logits=scores,
+                         decider_targets=targets, deferred=deferred)
+
+    def _forward_call(self, input_ids, attention_mask, labels, iter_labels, past_key_values, cache,
+                      logits_to_keep: int, defer_deep: bool) -> ForwardCall:
+        """Check forward's arguments (InputError names the bad one) and fix what holds for all its passes."""
         if defer_deep and (self.tah_config.max_iter != 2 or labels is not None or iter_labels is not None):
             raise InputError("defer_deep is for inference with max_iter 2 (the depth-1 pass is the last one); "
                              "pass defer_deep=False")
@@ -208,99 +263,71 @@ class TaHForCausalLM(nn.Module):
         positions = cache.positions_for(valid)
         self._check_positions(positions, fresh=cache.seen is None)
         stage2 = self.tah_config.training_stage == 2 and iter_labels is not None
-        frozen = torch.no_grad() if stage2 else nullcontext()
-        max_iter = self.tah_config.max_iter
         keep = logits_to_keep if 0 < logits_to_keep < length and labels is None and not stage2 else length
         # Deciders that ignore logits decide before each pass; then only needed logits are computed.
         early = iter_labels is not None or not self.decider.reads_logits
-        sparse = keep < length and early
+        return ForwardCall(batch, length, valid, positions, iter_labels, cache, self.tah_config.max_iter, keep,
+                           stage2, early)
 
-        with frozen:
+    def _logits_plan(self, call: ForwardCall) -> LogitsPlan:
+        """The fastest plan (depth_logits.py) that computes what this call returns."""
+        if call.keep < call.length:
+            return TailLogits(self, call, sparse=call.early)
+        shared = self._shared_head(every_token=not call.stage2)
+        return EveryTokenLogits(self, call) if shared is None else SharedHeadLogits(self, call, shared)
+
+    def _decide(self, tokens: PassTokens, sums: torch.Tensor | None = None, hidden: tuple | None = None) -> torch.Tensor:
+        """(B, A) bool: which of the pass's tokens run another pass; padding never does. The oracle
+        labels when given, else the decider, before the pass (sums and hidden None: it reads no
+        logits) or after it, reading the sums (packing order) and hidden states of the pass."""
+        if tokens.labels is not None:
+            return (tokens.labels > tokens.depth + 1) & tokens.real
+        go_on, _ = self.decider(None if sums is None else tokens.packing.pack(sums), hidden, tokens.positions,
+                                tokens.depth)
+        return go_on & tokens.real
+
+    def _every_token(self, input_ids: torch.Tensor, call: ForwardCall) -> PassTokens:
+        """The tokens of the depth-0 pass: all of them, in place, their embeddings as inputs."""
+        with call.frozen():
             embeds = self.lm.get_input_embeddings()(input_ids)
-        packing = Packing.everything(batch, length, input_ids.device)
-        iter_count = torch.ones_like(input_ids)
-        # acc: (B * keep, V) accumulated logits, 2-D so that the loss reads it without a view (see
-        # rows_grad.py); carry: accumulated logits of the packed tokens.
-        acc, carry, inputs, rows_grad = None, None, embeds, None
-        shared = self._shared_head(keep == length and not stage2)
-        bce_terms, deferred = [], None
-        for depth in range(max_iter):
-            real = packing.pack(packing.gather(valid), fill=False)
-            pos = packing.pack(packing.gather(positions))
-            labels_packed = None if iter_labels is None else packing.pack(packing.gather(iter_labels), fill=-100)
-            if depth > 0 and defer_deep:
-                deferred = (inputs, pos, real)
-                break
-            last = depth == max_iter - 1
-            go_on = None
-            if early and not last:
-                go_on = self._decide(None, None, pos, depth, labels_packed) & real
-            in_tail = packing.cols >= length - keep
-            need = in_tail | packing.unpack(go_on) if sparse and go_on is not None else in_tail if sparse else None
-            head_rows = None if need is None else packing.pack(need)  # (B, A): where the LM head runs
-            if head_rows is None and not packing.full:  # all packed tokens (all real at depth >= 1):
-                head_rows = real  # straight to (N, V), no unpack copy
-            if shared is not None:  # our head over every token (depth 0), then it adds in the deep rows
-                final, hidden = self.run_pass(inputs, pos, real, depth, cache, need_hidden=not last, need=head_rows,
-                                              head=lambda states: states)
-                acc = shared.depth_zero(final) if depth == 0 else shared.add_deep(acc, final)
-                flat_acc = acc
-            else:
-                with frozen:
-                    logits, hidden = self.run_pass(inputs, pos, real, depth, cache, need_hidden=not last,
-                                                   need=head_rows)
-                    flat_logits = packing.unpack(logits) if head_rows is None else logits
-                    # (N, V) or (N_need, V); depth 0 adds nothing, so no (B*T, V) copy is made; the last
-                    # pass's sum is read by nobody
-                    flat_acc = flat_logits if carry is None else None if last else \
-                        (carry if need is None else carry[need]) + flat_logits
-                    if acc is None and keep == length:  # depth 0 over every token: its logits are the sum so far
-                        rows_grad = RowsGradient() if torch.is_grad_enabled() and self._logits_in_place else None
-                        acc = logits.flatten(0, 1) if rows_grad is None else DepthZeroLogits.apply(logits, rows_grad)
-                    else:
-                        acc = self._accumulate(acc, flat_logits, packing, in_tail, need, batch, keep, length,
-                                               in_place=self._logits_in_place)
-            if depth > 0:
-                iter_count = iter_count.index_put((packing.rows, packing.cols), torch.ones_like(packing.rows), accumulate=True)
-            if last:
-                break
-            if stage2:
-                scores = self.decider.scores(packing.pack(flat_acc).detach(), tuple(
-                    h.detach() if h is not None else None for h in hidden))
-                bce_terms.append(self._bce_term(packing.unpack(scores), packing.gather(iter_labels),
-                                                packing.gather(valid), depth))
-            if go_on is None:
-                go_on = self._decide(packing.pack(flat_acc), hidden, pos, depth, labels_packed) & real
-            go_on_flat = packing.unpack(go_on)
-            if not bool(go_on_flat.any()):
-                break
-            rows, cols = packing.rows[go_on_flat], packing.cols[go_on_flat]
-            table, index = self.lm.get_input_embeddings().weight, rows * length + cols
-            if shared is not None:  # depth 0 -> 1 of a two-pass training step (never stage 2: nothing frozen)
-                soft = soft_embedding_of_top(*shared.top_k(acc, index, self.tah_config.input_topk), table)
-            else:
-                if depth == 0 and keep == length:  # acc holds depth 0 of every token: its rows are the packed tokens
-                    carry = acc.index_select(0, index) if rows_grad is None else GatherRows.apply(acc, index, rows_grad)
-                else:
-                    carry = flat_acc[go_on_flat if need is None else go_on_flat[need]]
-                with frozen:
-                    soft = soft_embedding(carry, table, self.tah_config.input_topk)
-            packing = Packing.select(rows, cols, batch)
-            inputs = packing.pack(soft)
+        packing = Packing.everything(call.batch, call.length, input_ids.device)
+        return PassTokens.of(packing, 0, embeds, call.valid, call.positions, call.iter_labels)
 
-        loss, scores, targets = None, None, None
-        if stage2:
-            loss, scores, targets = self._bce_loss(bce_terms, acc)
-        elif labels is not None:
-            shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
-            if num_items_in_batch is None:
-                loss = F.cross_entropy(acc.float(), shifted.flatten(), ignore_index=-100)
-            else:
-                loss = F.cross_entropy(acc.float(), shifted.flatten(), ignore_index=-100,
-                                       reduction="sum") / num_items_in_batch
-        return TaHOutput(loss=loss, logits=acc.view(batch, keep, acc.shape[-1]), iter_count=iter_count,
-                         cache=cache if use_cache else None, decider_logits=scores,
-                         decider_targets=targets, deferred=deferred)
+    def _continuing(self, tokens: PassTokens, go_on_flat: torch.Tensor, plan: LogitsPlan,
+                    call: ForwardCall) -> PassTokens:
+        """The tokens of the next pass: those of `tokens` where go_on_flat (N,), packed, each with the
+        soft embedding of its sums as input, at its own position."""
+        packing = tokens.packing
+        rows, cols = packing.rows[go_on_flat], packing.cols[go_on_flat]
+        soft = plan.soft_input(go_on_flat, rows * call.length + cols)
+        packing = Packing.select(rows, cols, call.batch)
+        return PassTokens.of(packing, tokens.depth + 1, packing.pack(soft), call.valid, call.positions,
+                             call.iter_labels)
+
+    def _decider_term(self, tokens: PassTokens, sums: torch.Tensor, hidden: tuple,
+                      call: ForwardCall) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 2: (scores (n,), targets (n,)) of the decider after this pass, over the labelled tokens."""
+        packing = tokens.packing
+        scores = self.decider.scores(packing.pack(sums).detach(), tuple(
+            h.detach() if h is not None else None for h in hidden))
+        scores, labels, valid = packing.unpack(scores), packing.gather(call.iter_labels), packing.gather(call.valid)
+        keep = valid & (labels != -100)
+        return scores[keep], (labels[keep] > tokens.depth + 1).to(scores.dtype)
+
+    def _loss(self, call: ForwardCall, sums: torch.Tensor, labels: torch.Tensor | None,
+              num_items_in_batch: int | torch.Tensor | None,
+              decider_terms: list) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(loss, decider scores, decider targets): stage 2's BCE, else next-token CE of the (B * T, V)
+        sums when labels are given."""
+        if call.stage2:
+            return self._bce_loss(decider_terms, sums)
+        if labels is None:
+            return None, None, None
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+        if num_items_in_batch is None:
+            return F.cross_entropy(sums.float(), shifted.flatten(), ignore_index=-100), None, None
+        loss = F.cross_entropy(sums.float(), shifted.flatten(), ignore_index=-100, reduction="sum")
+        return loss / num_items_in_batch, None, None
 
     def _shared_head(self, every_token: bool) -> SharedHead | None:
         """A SharedHead for this forward when its two passes' LM heads may share their products: a
@@ -314,35 +341,6 @@ class TaHForCausalLM(nn.Module):
                 and head.weight.requires_grad and self.use_shared_head):
             return SharedHead(head.weight)
         return None
-
-    def _decide(self, acc_packed, hidden, pos, depth: int, labels_packed) -> torch.Tensor:
-        """(B, A) bool: which packed tokens run another pass (oracle labels win over the decider)."""
-        if labels_packed is not None:
-            return labels_packed > depth + 1
-        go_on, _ = self.decider(acc_packed, hidden, pos, depth)
-        return go_on
-
-    @staticmethod
-    def _accumulate(acc, flat_logits, packing: Packing, in_tail: torch.Tensor, need: torch.Tensor | None,
-                    batch: int, keep: int, length: int, in_place: bool) -> torch.Tensor:
-        """Add a pass's logits (rows of `flat_logits`: the packed tokens, or those in `need`) of the
-        tail tokens into acc (B * keep, V), row b * keep + t for the token at column
-        length - keep + t of row b; acc is None before the first pass.
-
-        Adding instead of overwriting with carry + logits gives the same numbers (acc holds carry
-        there) and, in place, copies no (B * T, V) tensor forward or backward (the backward of
-        index_add passes the gradient through).
-        """
-        if keep == length:  # need is None then (see forward), every row is in the tail
-            values, where = flat_logits, slice(None)
-        else:
-            values = flat_logits[in_tail if need is None else in_tail[need]]
-            where = in_tail if need is None else need & in_tail
-        index = packing.rows[where] * keep + packing.cols[where] - (length - keep)
-        if acc is None:
-            return values.new_zeros(batch * keep, values.shape[-1]).index_copy_(0, index, values)
-        # index_add: ~20x faster on CPU than an accumulating index_put, the same sums
-        return acc.index_add_(0, index, values) if in_place else acc.index_add(0, index, values)
 
     @property
     def _logits_in_place(self) -> bool:
@@ -407,10 +405,6 @@ class TaHForCausalLM(nn.Module):
             logits = logits / config.logits_scaling
         cap = getattr(config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
-
-    def _bce_term(self, scores, iter_labels, valid, depth) -> tuple[torch.Tensor, torch.Tensor]:
-        keep = valid & (iter_labels != -100)
-        return scores[keep], (iter_labels[keep] > depth + 1).to(scores.dtype)
 
     def _bce_loss(self, terms, acc) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, scores (N,), targets (N,)) over every labelled token and depth."""
