@@ -2,8 +2,8 @@
 
 A tiny Qwen3 learns step-by-step arithmetic (copied digits are easy, computed digits are hard);
 then, with equal training budgets, Standard (one pass), AlwaysIterate, TaH+ (all layers) and TaH
-(one layer pruned, so its parameters match Standard's) are trained through `tah label`,
-`tah prune` and `tah train`, and evaluated on held-out problems. Writes under OUT:
+(one layer pruned, so its parameters match Standard's) are trained through the functions behind
+`tah label`, `tah prune` and `tah train`, and evaluated on held-out problems. Writes under OUT:
 
     results.json    every number and the settings (per seed, and mean / std over seeds)
     sweep.png       next-token accuracy and iterated share as TaH+'s decider threshold sweeps 0..1, every seed
