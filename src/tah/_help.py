@@ -8,10 +8,7 @@ arguments reads no source at all. The standard library only, here."""
 from __future__ import annotations
 
 import argparse
-import ast
-from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent  # src/tah
 # A docstring's Python contract starts at its first section line; --help shows what comes before.
 CONTRACT_SECTIONS = ("Args:", "Arguments:", "Returns:", "Yields:", "Raises:", "Example:", "Examples:")
 
@@ -27,10 +24,13 @@ def help_text(docstring: str) -> str:
 def docstring_in_source(target: str) -> str:
     """The docstring of `target` ("tah.train.run:train", or "module:Class.method"), read from its source
     file under src/tah without importing it. Raises LookupError if the file has no such function."""
+    import ast  # here, not at the top: only help pays for it
+    from pathlib import Path
+
     module, _, qualname = target.partition(":")
-    path = PACKAGE_DIR.joinpath(*module.split(".")[1:])
+    path = Path(__file__).resolve().parent.joinpath(*module.split(".")[1:])  # src/tah/...
     path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
-    node: ast.AST = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    node = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     for name in qualname.split("."):
         found = [child for child in node.body if getattr(child, "name", None) == name
                  and isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)]
