@@ -47,6 +47,8 @@ def test_help_stops_at_the_python_contract():
     doc = "Do the thing.\n\nMore about it, for the user.\n\nArgs:\n    x: a number.\nReturns:\n    y."
     assert help_text(doc) == "Do the thing.\n\nMore about it, for the user."
     assert help_text("Only prose.") == "Only prose."
+    as_written = "Do the thing,\n    over two lines.\n\n    Returns:\n        y."  # a docstring's source indent
+    assert help_text(as_written) == "Do the thing,\nover two lines."
 
 
 def test_parsing_arguments_reads_no_docstring(monkeypatch):
