@@ -1,5 +1,5 @@
-"""The demo's experiment, stage by stage, through the library functions the CLI a researcher runs on
-Qwen3 calls (`tah label` -> `run_label`, `tah prune` -> `prune`, `tah train` -> `load_recipe` + `train`):
+"""The demo's experiment, stage by stage, through the library functions behind the commands a researcher
+runs on Qwen3 (`tah label`: `run_label`; `tah prune`: `prune`; `tah train`: `load_recipe`, then `train`):
 
     data      train.jsonl / heldout.jsonl of the arithmetic task, the char tokenizer
     pretrain  `tah train` (baseline standard) of a random tiny Qwen3: the base, good but imperfect
