@@ -85,6 +85,20 @@ def test_hard_chars_mark_computed_digits():
     assert len(hard_chars(problem)) == len(problem.solution)
 
 
+def test_width_pads_every_number_and_keeps_the_arithmetic():
+    problem = solve([47, 38, 921], ["+", "+"], width=4)
+    assert problem == Problem("0047+0038+0921=?", "0047+0038=0085\n0085+0921=1006\n#### 1006", 1006)
+    marked = "".join(ch for ch, hard in zip(problem.solution, hard_chars(problem), strict=True) if hard)
+    assert marked == "00851006"
+    config = TaskConfig.quick(width=4)
+    for problem in make_problems(200, 0, config):
+        assert all(len(number) == 4 for number in re.findall(r"\d+", problem.question + problem.solution))
+        assert sum(int(term) for term in problem.question.removesuffix("=?").split("+")) == problem.answer
+        assert is_correct(problem.solution, problem)
+    with pytest.raises(InputError, match="width"):
+        TaskConfig.quick(width=3)  # three 3-digit terms can sum to 2997
+
+
 @pytest.mark.parametrize("config", [TaskConfig.quick(), TaskConfig()], ids=["quick", "default"])
 def test_hard_share_is_a_minority(config):
     assert 0.1 <= hard_share(make_problems(500, 0, config)) <= 0.3

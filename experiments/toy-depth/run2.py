@@ -2,7 +2,7 @@
 import argparse, copy, json, os, random, sys, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lab import *
-import tasks, tasks2
+import tasks, tasks2, tasks3
 CKPT = os.environ.get("TAH_EXP_CKPT", "/tmp/tah-toy-depth-ckpt")  # cached pretrained bases
 
 ap = argparse.ArgumentParser()
@@ -16,7 +16,7 @@ ap.add_argument("--only", default="std,always,tah"); ap.add_argument("--topk", t
 ap.add_argument("--gen", type=int, default=1); ap.add_argument("--prompt_labels", default="keep"); ap.add_argument("--labels", default="base")
 a = ap.parse_args()
 kw = json.loads(a.kw)
-task = lambda rng: getattr(tasks2 if hasattr(tasks2, a.task) else tasks, a.task)(rng, **kw)
+task = lambda rng: getattr(next(m for m in (tasks3, tasks2, tasks) if hasattr(m, a.task)), a.task)(rng, **kw)
 train_rows, qs = encode(task, random.Random(a.seed), a.ntrain)
 test_rows, _ = encode(task, random.Random(1000 + a.seed), 300, exclude=qs)
 tag = f"{a.task}-{a.kw}-L{a.layers}-h{a.hidden}-p{a.pre}-lr{a.lr}-s{a.seed}".replace(" ", "").replace('"', "")

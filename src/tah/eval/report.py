@@ -29,6 +29,10 @@ def count(value) -> str:
     return "-" if value is None else f"{int(value):,}"
 
 
+def mega(value) -> str:
+    return "-" if value is None else f"{value / 1e6:.2f}M"
+
+
 def seconds(value) -> str:
     return "-" if value is None else f"{value:.1f}"
 
@@ -40,6 +44,7 @@ MODEL_COLUMNS = (
     ("next_token_accuracy", "Next-token acc.", percent),
     ("iterated_share", "Iterated", percent),
     ("parameters", "Params", count),
+    ("flops_per_token", "FLOPs/token", mega),
     ("train_time_s", "Train (s)", seconds),
     ("eval_time_s", "Eval (s)", seconds),
 )

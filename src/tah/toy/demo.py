@@ -24,10 +24,12 @@ from rich.console import Console
 from rich.table import Table
 
 from tah.toy.pipeline import DemoSettings, Stages
+from tah.toy.verdict import claims, verdict_lines
 
 MODELS = ("Standard", "AlwaysIterate", "TaH+", "TaH")
 SWEPT = "TaH+"  # the model of sweep.png and samples.html
-METRICS = ("answer_accuracy", "next_token_accuracy", "iterated_share", "parameters", "train_time_s", "eval_time_s")
+METRICS = ("answer_accuracy", "next_token_accuracy", "iterated_share", "parameters", "flops_per_token", "train_time_s",
+           "eval_time_s")
 
 
 def run_demo(out: str | Path = "tah-demo", quick: bool = False, seeds: int | None = None,
@@ -77,6 +79,7 @@ def run_demo(out: str | Path = "tah-demo", quick: bool = False, seeds: int | Non
     _copy(out / "seed-0" / "samples.html", out / "samples.html")
     console.print(demo_table(results))
     console.print(analysis_lines(results))
+    console.print(verdict_lines(results))
     console.print(f"wrote {out / 'results.json'}, {out / 'sweep.png'}, {out / 'samples.html'} "
                   f"in {results['total_time_s']:.0f} s", style="dim")
     return results
@@ -155,15 +158,20 @@ def run_seed(root: Path, settings: DemoSettings, seed: int, console: Console) ->
 def evaluate(name: str, path: Path, tokenizer, problems, data, train_time: float) -> dict:
     from tah import TaHForCausalLM
     from tah.eval import answer_accuracy, next_token_accuracy
+    from tah.eval.flops import forward_flops_per_token
 
     model = TaHForCausalLM.from_pretrained(path).eval()
     began = time.perf_counter()
     answers = answer_accuracy(model, tokenizer, problems, progress=False)
     tokens = next_token_accuracy(model, data, "model", pad_token_id=tokenizer.pad_token_id, progress=False)
+    generated_iterated = answers["iterated_share"] or 0.0
+    # A generated token attends to its prompt and half its solution on average: half a held-out row.
+    context = sum(len(ids) for ids in data["input_ids"]) / (2 * len(data))
     return {"name": name, "answer_accuracy": answers["accuracy"], "next_token_accuracy": tokens["accuracy"],
-            "iterated_share": tokens["iterated_share"], "answer_iterated_share": answers["iterated_share"] or 0.0,
-            "parameters": sum(p.numel() for p in model.parameters()), "train_time_s": train_time,
-            "eval_time_s": time.perf_counter() - began, "path": str(path)}
+            "iterated_share": tokens["iterated_share"], "answer_iterated_share": generated_iterated,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "flops_per_token": forward_flops_per_token(model, 1 + generated_iterated, context),
+            "train_time_s": train_time, "eval_time_s": time.perf_counter() - began, "path": str(path)}
 
 
 def oracle_analysis(path: Path, data) -> dict:
@@ -206,11 +214,14 @@ def summarise(runs: list[dict], settings: DemoSettings, quick: bool, total: floa
         rows.append(row)
         spread[name] = dev
     overthinking = [run["depth_analysis"]["overthinking"] for run in runs]
-    return {"command": f"tah demo{' --quick' if quick else ''} --seeds {len(runs)}", "seeds": len(runs),
-            "date": time.strftime("%Y-%m-%d"), "machine": _machine(), "models": rows, "std": spread,
-            "overthinking": {k: statistics.fmean(o[k] for o in overthinking if o[k] is not None)
-                             for k in ("overthink_share", "fix_share") if any(o[k] is not None for o in overthinking)},
-            "settings": asdict(settings), "runs": runs, "total_time_s": total}
+    results = {"command": f"tah demo{' --quick' if quick else ''} --seeds {len(runs)}", "seeds": len(runs),
+               "date": time.strftime("%Y-%m-%d"), "machine": _machine(), "models": rows, "std": spread,
+               "overthinking": {k: statistics.fmean(o[k] for o in overthinking if o[k] is not None)
+                                for k in ("overthink_share", "fix_share")
+                                if any(o[k] is not None for o in overthinking)},
+               "settings": asdict(settings), "runs": runs, "total_time_s": total}
+    results["claims"] = claims(results)
+    return results
 
 
 def demo_table(results: dict) -> Table:

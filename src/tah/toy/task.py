@@ -42,7 +42,10 @@ class TaskConfig:
 
     terms: (min, max) operands per question (>= 2); digits: (min, max) digits per operand;
     ops: the operators to draw from ("+" or "+-"; a "-" that would go below zero becomes "+");
-    heldout_fraction: the share of the question space (by hash) reserved for held-out problems.
+    heldout_fraction: the share of the question space (by hash) reserved for held-out problems;
+    width: 0 writes numbers as they are; > 0 writes every number with `width` digits, zero-padded
+    ("047+038=0085"), so that digits of equal place sit at equal offsets and a small model learns
+    the carries in hundreds of steps rather than thousands (it must hold the largest sum).
     """
 
     terms: tuple[int, int] = (3, 4)
@@ -52,6 +55,7 @@ class TaskConfig:
     heldout_size: int = 200
     heldout_fraction: float = 0.1
     seed: int = 0
+    width: int = 0
 
     def __post_init__(self) -> None:
         for name, low in (("terms", 2), ("digits", 1)):
@@ -65,6 +69,10 @@ class TaskConfig:
             raise InputError(f"TaskConfig.ops must be made of '+' and '-'; got {self.ops!r}")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise InputError(f"TaskConfig.heldout_fraction must be in (0, 1); got {self.heldout_fraction!r}")
+        largest = self.terms[1] * (10 ** self.digits[1] - 1)
+        if not isinstance(self.width, int) or self.width < 0 or 0 < self.width < len(str(largest)):
+            raise InputError(f"TaskConfig.width must be 0 (no padding) or at least {len(str(largest))} (the digits "
+                             f"of the largest sum, {largest}); got {self.width!r}")
         for name in ("train_size", "heldout_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise InputError(f"TaskConfig.{name} must be an integer >= 0; got {getattr(self, name)!r}")
@@ -88,17 +96,19 @@ class Problem:
         return [{"role": "user", "content": self.question}, {"role": "assistant", "content": self.solution}]
 
 
-def solve(operands: list[int], ops: list[str]) -> Problem:
-    """The problem of `operands[0] ops[0] operands[1] ...`, its step-by-step solution and answer."""
+def solve(operands: list[int], ops: list[str], width: int = 0) -> Problem:
+    """The problem of `operands[0] ops[0] operands[1] ...`, its step-by-step solution and answer;
+    numbers zero-padded to `width` digits when it is > 0 (see `TaskConfig.width`)."""
     if len(operands) != len(ops) + 1 or len(operands) < 2:
         raise InputError(f"need one operator fewer than operands (and >= 2 operands); got {operands!r}, {ops!r}")
-    question = str(operands[0]) + "".join(op + str(x) for op, x in zip(ops, operands[1:], strict=True)) + "=?"
+    n = lambda x: str(x).zfill(width)  # noqa: E731
+    question = n(operands[0]) + "".join(op + n(x) for op, x in zip(ops, operands[1:], strict=True)) + "=?"
     total, lines = operands[0], []
     for op, x in zip(ops, operands[1:], strict=True):
         result = total + x if op == "+" else total - x
-        lines.append(f"{total}{op}{x}={result}")
+        lines.append(f"{n(total)}{op}{n(x)}={n(result)}")
         total = result
-    lines.append(f"{ANSWER_MARK} {total}")
+    lines.append(f"{ANSWER_MARK} {n(total)}")
     return Problem(question, "\n".join(lines), total)
 
 
@@ -171,7 +181,7 @@ def _draw(rng: random.Random, config: TaskConfig) -> Problem:
             op = "+"
         total = total + x if op == "+" else total - x
         ops.append(op)
-    return solve(operands, ops)
+    return solve(operands, ops, config.width)
 
 
 def extract_answer(text: str) -> int | None:
