@@ -1,10 +1,14 @@
-"""`tah <command>`: the command-line entry point."""
+"""`tah <command>`: the command-line entry point, a thin dispatcher. Each command parses its options and
+calls one library function, whose docstring is the command's --help description (`tah._help`). The
+pipeline stages register their commands next to their code (`tah.<package>.cli`); every module named
+here imports the standard library only, so `tah --help` answers in tens of milliseconds."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from tah._help import CommandParser
 from tah.errors import TaHError
 
 
@@ -22,7 +26,10 @@ def _generate(args: argparse.Namespace) -> None:
     check_generate_arguments(args)
     from tah.generation.command import run_generate  # torch and transformers load from here on
 
-    run_generate(args)
+    run_generate(args.model, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
+                 threshold=args.threshold, fused=not args.no_fused, draft_candidates=args.draft_candidates,
+                 show_depth=args.show_depth)
 
 
 def check_generate_arguments(args: argparse.Namespace) -> None:
@@ -54,20 +61,18 @@ def check_generate_arguments(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tah", description="Think-at-Hard: iterate only on the hard tokens.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser(
-        "demo", help="the paper's experiment end to end on a toy task (CPU, nothing downloaded)",
-        description="Pretrain a tiny Qwen3 on step-by-step arithmetic, label its hard tokens, prune a layer, and "
-                    "train Standard, AlwaysIterate, TaH+ and TaH with equal budgets through tah label / prune / "
-                    "train; evaluate on held-out problems. Writes results.json, sweep.png and samples.html.")
+    parser = CommandParser(prog="tah", description="Think-at-Hard: iterate only on the hard tokens.")
+    commands = parser.add_subparsers(dest="command", required=True)  # each a CommandParser too
+    demo = commands.add_parser("demo", help="the paper's experiment end to end on a toy task (CPU, nothing downloaded)",
+                               calls="tah.toy.demo:run_demo")
     demo.add_argument("--out", default="tah-demo", help="output directory (default: tah-demo)")
     demo.add_argument("--quick", action="store_true", help="smaller task and model, one seed (1-2 minutes; checks the pipeline)")
     demo.add_argument("--seeds", type=int, default=None,
                       help="repeat with N seeds and report mean ± std (default: 3; 1 with --quick)")
     demo.set_defaults(run=_demo)
 
-    gen = commands.add_parser("generate", help="generate text with a saved TaH model (our or the original layout)")
+    gen = commands.add_parser("generate", help="generate text with a saved TaH model (our or the original layout)",
+                              calls="tah.generation.command:run_generate")
     gen.add_argument("--model", required=True, help="checkpoint directory (with its tokenizer files)")
     gen.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")

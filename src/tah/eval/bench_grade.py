@@ -24,6 +24,33 @@ SETTINGS = ("threshold", "max_iter", "temperature", "top_p", "top_k", "max_new_t
 CHUNK = 64  # completions graded between progress updates
 
 
+def grade_file(task: Task, loaded: Loaded, samples, out, *, strict: bool = False,
+               timeout_s: float = DEFAULT_TIMEOUT_S, memory_mb: int = DEFAULT_MEMORY_MB, workers: int | None = None,
+               progress: bool = True) -> tuple[dict, list[str]]:
+    """Grade completions made anywhere else with tah eval's graders: SAMPLES is a JSONL of {"id",
+    "completion"} lines (optionally "sample", "prompt", "tokens", and "passes" or "iter_counts", the
+    passes per generated token, which give the iterated share). `id` is the benchmark row's `id` field,
+    or else its 0-based line number; HumanEval's is its task_id. Writes OUT/samples.jsonl and
+    OUT/summary.json as tah eval does.
+
+      tah grade --task humaneval --data ../shared/benchmarks/humaneval.jsonl.gz --samples done.jsonl --out graded
+
+    Args:
+        task, loaded: the benchmark and its problems (`tah.eval.tasks.get_task`, `load_problems`).
+        samples, out: the completions file and the output directory.
+        strict: raise on the first malformed line instead of skipping it.
+        timeout_s, memory_mb, workers, progress: as `grade_completions` takes them.
+    Returns:
+        (the summary written to OUT/summary.json, a description of each skipped line).
+    Raises:
+        InputError: no such file, no usable line, or (with `strict`) a malformed one.
+    """
+    records, skipped = read_completions(samples, loaded, strict=strict)
+    grade_completions(task, loaded, records, timeout_s=timeout_s, memory_mb=memory_mb, workers=workers,
+                      progress=progress)
+    return write_graded(out, task, records, len(loaded.skipped), len(skipped)), skipped
+
+
 def read_completions(path, loaded: Loaded, *, strict: bool = False) -> tuple[list[dict], list[str]]:
     """The input lines as records (id, sample, prompt, completion, gold, tokens, iterated_share,
     passes), in file order, and descriptions of the skipped lines."""

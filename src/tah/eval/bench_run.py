@@ -144,8 +144,33 @@ def check_resumable(directory: Path, task: str, model: str, settings: dict, igno
 
 
 def run_eval(options: EvalOptions, loaded: Loaded) -> list[dict]:
-    """Evaluate at each threshold (one model load) and return the summaries. Raises TaHError on bad
-    options, checkpoints or directories, before generating anything."""
+    """Answer a benchmark with a TaH model and grade the answers: accuracy next to the share of tokens
+    that iterated. Writes OUT/samples.jsonl (a line per problem and sample) and OUT/summary.json, each
+    atomically after every batch; rerun the same command to resume (finished batches are skipped).
+
+    Tasks (local files; ../shared/benchmarks/ has them): gsm8k, math500, aime24, aime25, amc23,
+    humaneval, and math (any JSONL with a question/problem and an answer field). Math answers are
+    graded by math-verify (the \\boxed{} answer against the gold); HumanEval runs the benchmark's tests
+    on prompt + completion in a sandboxed subprocess (time and memory limits, no network).
+
+    Defaults are the original evaluation's: the raw question through the tokenizer's chat template,
+    temperature 0.6, top_p 0.95, top_k 20, max_new_tokens 4096, decider threshold 0.9, the
+    checkpoint's max_iter (2 in the paper's). With several --threshold values, each run goes to
+    OUT/threshold-<t>/ and they share the loaded model.
+
+      tah eval --model CKPT --task gsm8k --data ../shared/benchmarks/gsm8k_test.jsonl --out runs/gsm8k
+      tah eval --model CKPT --task math500 --data ../shared/benchmarks/math500.jsonl --out runs/m500 \\
+          --prompt-template boxed --samples 4 --threshold 0.5,0.9
+      tah eval --report runs/gsm8k runs/m500 [--out DIR]   (a table, DIR/report.json and DIR/report.png)
+
+    Args:
+        options: the settings of `tah eval`'s options (`EvalOptions`).
+        loaded: the benchmark's problems (`tah.eval.tasks.load_problems`).
+    Returns:
+        The summary of each threshold's run, in the order of `options.thresholds`.
+    Raises:
+        TaHError: bad options, checkpoints or directories, before generating anything.
+    """
     check_options(options)
     check_checkpoint(options.model, options.tokenizer)
     model_path = str(Path(options.model).resolve())

@@ -1,45 +1,15 @@
-"""`tah eval` and `tah grade`: the paper's benchmarks, graded as the field grades them."""
+"""`tah eval` and `tah grade`: the paper's benchmarks, graded as the field grades them. Their options here;
+the work, and the help text, are `tah.eval.bench_run.run_eval`'s and `tah.eval.bench_grade.grade_file`'s."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-EVAL_DESCRIPTION = """\
-Answer a benchmark with a TaH model and grade the answers: accuracy next to the share of tokens
-that iterated. Writes OUT/samples.jsonl (a line per problem and sample) and OUT/summary.json, each
-atomically after every batch; rerun the same command to resume (finished batches are skipped).
-
-Tasks (local files; ../shared/benchmarks/ has them): gsm8k, math500, aime24, aime25, amc23,
-humaneval, and math (any JSONL with a question/problem and an answer field). Math answers are
-graded by math-verify (the \\boxed{} answer against the gold); HumanEval runs the benchmark's tests
-on prompt + completion in a sandboxed subprocess (time and memory limits, no network).
-
-Defaults are the original evaluation's: the raw question through the tokenizer's chat template,
-temperature 0.6, top_p 0.95, top_k 20, max_new_tokens 4096, decider threshold 0.9, the
-checkpoint's max_iter (2 in the paper's). With several --threshold values, each run goes to
-OUT/threshold-<t>/ and they share the loaded model.
-
-  tah eval --model CKPT --task gsm8k --data ../shared/benchmarks/gsm8k_test.jsonl --out runs/gsm8k
-  tah eval --model CKPT --task math500 --data ../shared/benchmarks/math500.jsonl --out runs/m500 \\
-      --prompt-template boxed --samples 4 --threshold 0.5,0.9
-  tah eval --report runs/gsm8k runs/m500 [--out DIR]   (a table, DIR/report.json and DIR/report.png)
-"""
-
-GRADE_DESCRIPTION = """\
-Grade completions made anywhere else with tah eval's graders: SAMPLES is a JSONL of {"id",
-"completion"} lines (optionally "sample", "prompt", "tokens", and "passes" or "iter_counts", the
-passes per generated token, which give the iterated share). `id` is the benchmark row's `id` field,
-or else its 0-based line number; HumanEval's is its task_id. Writes OUT/samples.jsonl and
-OUT/summary.json as tah eval does.
-
-  tah grade --task humaneval --data ../shared/benchmarks/humaneval.jsonl.gz --samples done.jsonl --out graded
-"""
-
 
 def register_eval(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser("eval", help="answer and grade a benchmark (GSM8K, MATH-500, AIME, AMC, HumanEval)",
-                              description=EVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              calls="tah.eval.bench_run:run_eval")
     run.add_argument("--model", help="TaH checkpoint directory (ours or the original layout)")
     _data_arguments(run)
     run.add_argument("--out", help="output directory (with --report: where report.json and report.png go; "
@@ -68,7 +38,7 @@ def register_eval(commands: argparse._SubParsersAction) -> None:
 
 def register_grade(commands: argparse._SubParsersAction) -> None:
     grade = commands.add_parser("grade", help="grade completions made elsewhere with tah eval's graders",
-                                description=GRADE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                calls="tah.eval.bench_grade:grade_file")
     _data_arguments(grade)
     grade.add_argument("--samples", required=True, metavar="FILE", help="JSONL of {\"id\", \"completion\"} lines")
     grade.add_argument("--out", required=True, help="output directory")
@@ -107,14 +77,12 @@ def run_eval_command(args: argparse.Namespace) -> None:
 
 
 def run_grade_command(args: argparse.Namespace) -> None:
-    from tah.eval.bench_grade import grade_completions, read_completions, write_graded
+    from tah.eval.bench_grade import grade_file
 
     task, loaded = _load(args)
-    records, skipped = read_completions(args.samples, loaded, strict=args.strict)
+    summary, skipped = grade_file(task, loaded, args.samples, args.out, strict=args.strict, timeout_s=args.timeout,
+                                  memory_mb=args.memory_mb, workers=args.workers, progress=not args.no_progress)
     _say_skipped(skipped, f"skipped {len(skipped)} malformed lines of {args.samples} (--strict fails on the first)")
-    grade_completions(task, loaded, records, timeout_s=args.timeout, memory_mb=args.memory_mb, workers=args.workers,
-                      progress=not args.no_progress)
-    summary = write_graded(args.out, task, records, len(loaded.skipped), len(skipped))
     print(_summary_line(summary, args.out))
 
 

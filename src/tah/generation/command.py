@@ -1,4 +1,5 @@
-"""The work of `tah generate` once its arguments are checked (`tah.cli`): load, encode, warn, stream.
+"""`run_generate`, the work of `tah generate` once its arguments are checked (`tah.cli`): load, encode,
+warn, stream.
 
 Output, on stdout: the streamed text (coloured by passes with --show-depth), then with --show-depth
 where colours cannot show (output piped, NO_COLOR, TERM=dumb) a plain-text form of the passes, then
@@ -8,7 +9,6 @@ to stderr as `tah: warning: ...`, so a pipe keeps only the text.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -17,7 +17,27 @@ from rich.console import Console
 PLAIN_LEGEND = "depth (plain text): a token in n-1 pairs of brackets made n passes: x = 1, [x] = 2, [[x]] = 3"
 
 
-def run_generate(args: argparse.Namespace) -> None:
+def run_generate(model: str, prompt: str, *, chat: bool = False, max_new_tokens: int = 256, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                 seed: int | None = None, threshold: float | None = None, fused: bool = True,
+                 draft_candidates: int | None = None, show_depth: bool = False) -> None:
+    """Generate text with a saved TaH model (our layout or the original's) and stream it to the
+    terminal, then a summary line: tokens, tokens/s and the share of tokens that iterated. With
+    --show-depth each token is coloured by its number of passes; where colours cannot show (output
+    piped, NO_COLOR, TERM=dumb) the text is printed again with iterated tokens in brackets, then the
+    passes per token. Warnings (characters the tokenizer drops, a stage-1 checkpoint's untrained
+    decider) go to stderr, so a pipe keeps only the text.
+
+    Args:
+        model: the checkpoint directory, with its tokenizer files.
+        prompt: the text to continue; with `chat`, the user's message, wrapped in the chat template.
+        max_new_tokens, do_sample, temperature, top_p, top_k, min_p, seed, draft_candidates: as
+            `tah.generate` takes them. threshold: the decider's (None: the checkpoint's).
+        fused: ride a hard token's deeper pass in the next token's forward (same tokens).
+        show_depth: colour (or bracket) each token by its passes.
+    Raises:
+        TaHError: a checkpoint that cannot load, or settings `tah.generate` refuses.
+    """
     from transformers.utils import logging as hf_logging
 
     from tah.generation.generate import generate
@@ -28,23 +48,22 @@ def run_generate(args: argparse.Namespace) -> None:
 
     hf_logging.disable_progress_bar()  # a bar for loading weights of a local checkpoint is noise here
     console = Console(highlight=False)
-    overrides = {} if args.threshold is None else {"threshold": args.threshold}
-    model = TaHForCausalLM.from_pretrained(args.model, **overrides).eval()
-    tokenizer = load_tokenizer(args.model)
-    lost = unknown_characters(tokenizer, args.prompt)
+    overrides = {} if threshold is None else {"threshold": threshold}
+    tah_model = TaHForCausalLM.from_pretrained(model, **overrides).eval()
+    tokenizer = load_tokenizer(model)
+    lost = unknown_characters(tokenizer, prompt)
     if lost:
-        warn(f"the tokenizer of {args.model} has no token for {', '.join(map(repr, lost))} in the prompt: the "
+        warn(f"the tokenizer of {model} has no token for {', '.join(map(repr, lost))} in the prompt: the "
              "model never sees them, so expect a poor answer; rephrase without them")
-    ids = prompt_ids(tokenizer, args.prompt, args.chat)
-    plain = args.show_depth and not has_colour(console)
-    if args.show_depth and not plain:
-        console.print(legend(model.tah_config.max_iter))
-    streamer = DepthStreamer(tokenizer, console, show_depth=args.show_depth and not plain)
+    ids = prompt_ids(tokenizer, prompt, chat)
+    plain = show_depth and not has_colour(console)
+    if show_depth and not plain:
+        console.print(legend(tah_model.tah_config.max_iter))
+    streamer = DepthStreamer(tokenizer, console, show_depth=show_depth and not plain)
     started = time.perf_counter()
-    out = generate(model, ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                   eos_token_id=tokenizer.eos_token_id, seed=args.seed, streamer=streamer, fused=not args.no_fused,
-                   draft_candidates=args.draft_candidates)
+    out = generate(tah_model, ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                   top_p=top_p, top_k=top_k, min_p=min_p, eos_token_id=tokenizer.eos_token_id, seed=seed,
+                   streamer=streamer, fused=fused, draft_candidates=draft_candidates)
     seconds = time.perf_counter() - started
     counts = out.iter_counts[0]
     made = counts > 0  # 0 marks the steps after the row finished
@@ -56,9 +75,9 @@ def run_generate(args: argparse.Namespace) -> None:
     iterated = sum(p > 1 for p in passes) / max(len(passes), 1)
     console.print(f"{len(passes)} tokens, {len(passes) / seconds:.1f} tokens/s, {iterated:.1%} of tokens iterated",
                   style="dim")
-    config = model.tah_config
+    config = tah_model.tah_config
     if config.training_stage == 1 and config.decider == "mlp" and config.max_iter > 1:
-        warn(f"{args.model} is a stage-1 checkpoint: its decider is untrained (stage 1 trains base + LoRA with "
+        warn(f"{model} is a stage-1 checkpoint: its decider is untrained (stage 1 trains base + LoRA with "
              f"oracle labels), so which tokens iterate ({iterated:.1%} here) means nothing yet. Train the decider "
              "with stage 2 (`tah train --config STAGE2.yaml --set model=THIS_DIR`) and generate from its final/")
 

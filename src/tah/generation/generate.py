@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+import tah.generation.static as static
 from tah.errors import InputError
-from tah.generation import static
 from tah.generation.engine import Decoder
 from tah.generation.reference import GenerationOutput
 from tah.generation.sampling import Sampler

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+import tah.model.few_rows as few_rows
 from tah.errors import ConfigError
-from tah.model import few_rows
 
 
 class DepthState:

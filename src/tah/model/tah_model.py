@@ -24,9 +24,9 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput, output_capturing
 
+import tah.model.few_rows as few_rows
 from tah.config import TaHConfig
 from tah.errors import ConfigError, InputError
-from tah.model import few_rows
 from tah.model.attention import check_attn_implementation
 from tah.model.cache import TaHCache
 from tah.model.decider import Decider, MLPDecider, build_decider

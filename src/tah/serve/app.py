@@ -291,3 +291,29 @@ def load_app(model_dir: str, *, threshold: float | None = None, served_name: str
     tokenizer = load_tokenizer(model_dir)
     return build_app(model, tokenizer, model_name=served_name or str(model_dir), max_batch=max_batch,
                      max_waiting=max_waiting)
+
+
+def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32, max_waiting: int = 256,
+          threshold: float | None = None, threads: int | None = None, served_name: str | None = None) -> None:
+    """Serve a TaH checkpoint over HTTP with the OpenAI API: POST /v1/chat/completions and
+    /v1/completions (streaming or not), GET /v1/models, /health and /metrics (Prometheus). Requests
+    join the running batch between decode steps and leave it when done (continuous batching); each
+    response carries a `tah` field with the passes per generated token (1, or 2+ where it iterated).
+    SIGTERM (or Ctrl-C) stops taking requests, finishes the running ones, then exits.
+
+    Args:
+        model_dir: the checkpoint directory, with its tokenizer files.
+        host, port, max_batch, max_waiting, threshold, served_name: as `load_app` and uvicorn take them.
+        threads: CPU threads for torch's products (None: torch's default).
+    Raises:
+        InputError: a setting below 1, before the model loads.
+    """
+    import uvicorn
+
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"--threads must be >= 1; got {threads}")
+        torch.set_num_threads(threads)
+    app = load_app(model_dir, threshold=threshold, served_name=served_name, max_batch=max_batch,
+                   max_waiting=max_waiting)
+    uvicorn.run(app, host=host, port=port, log_level="info")

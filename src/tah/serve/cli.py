@@ -1,21 +1,13 @@
-"""`tah serve`: an OpenAI-compatible server for a TaH checkpoint (standard library imports only here)."""
+"""`tah serve`: its options (standard library imports only here); the server is `tah.serve.app.serve`."""
 
 from __future__ import annotations
 
 import argparse
 
-DESCRIPTION = """\
-Serve a TaH checkpoint over HTTP with the OpenAI API: POST /v1/chat/completions and
-/v1/completions (streaming or not), GET /v1/models, /health and /metrics (Prometheus). Requests
-join the running batch between decode steps and leave it when done (continuous batching); each
-response carries a `tah` field with the passes per generated token (1, or 2+ where it iterated).
-SIGTERM (or Ctrl-C) stops taking requests, finishes the running ones, then exits.
-"""
-
 
 def register_serve(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
-                                description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                calls="tah.serve.app:serve")
     serve.add_argument("--model", required=True, help="checkpoint directory (with its tokenizer files)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -31,17 +23,7 @@ def register_serve(commands: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    from tah.serve.app import serve
 
-    from tah.errors import InputError
-    from tah.serve.app import load_app
-
-    if args.threads is not None:
-        import torch
-
-        if args.threads < 1:
-            raise InputError(f"--threads must be >= 1; got {args.threads}")
-        torch.set_num_threads(args.threads)
-    app = load_app(args.model, threshold=args.threshold, served_name=args.served_name, max_batch=args.max_batch,
-                   max_waiting=args.max_waiting)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_waiting=args.max_waiting,
+          threshold=args.threshold, threads=args.threads, served_name=args.served_name)

@@ -2,8 +2,8 @@
 
 A tiny Qwen3 learns step-by-step arithmetic (copied digits are easy, computed digits are hard);
 then, with equal training budgets, Standard (one pass), AlwaysIterate, TaH+ (all layers) and TaH
-(one layer pruned, so its parameters match Standard's) are trained through `tah label`,
-`tah prune` and `tah train`, and evaluated on held-out problems. Writes under OUT:
+(one layer pruned, so its parameters match Standard's) are trained through the functions behind
+`tah label`, `tah prune` and `tah train`, and evaluated on held-out problems. Writes under OUT:
 
     results.json    every number and the settings (per seed, and mean / std over seeds)
     sweep.png       next-token accuracy and iterated share as TaH+'s decider threshold sweeps 0..1, every seed
@@ -34,8 +34,23 @@ METRICS = ("answer_accuracy", "next_token_accuracy", "iterated_share", "paramete
 
 def run_demo(out: str | Path = "tah-demo", quick: bool = False, seeds: int | None = None,
              console: Console | None = None) -> dict:
-    """Run the whole experiment for `seeds` seeds (default: 3, or 1 with `quick`); returns what
-    results.json holds. Each seed draws its own problems, initial weights and data order."""
+    """The paper's experiment end to end on a toy task, on a CPU, with nothing downloaded. Pretrain a
+    tiny Qwen3 on step-by-step arithmetic, label its hard tokens, prune a layer, and train Standard,
+    AlwaysIterate, TaH+ and TaH with equal budgets (the work of tah label / prune / train); evaluate
+    them on held-out problems. Writes OUT/results.json, sweep.png and samples.html, and each seed's
+    data, models, runs and logs under OUT/seed-N/.
+
+    Args:
+        out: the output directory.
+        quick: a smaller task and model (1-2 minutes; checks the pipeline).
+        seeds: how many seeds (default: 3, or 1 with `quick`); each draws its own problems, initial
+            weights and data order, and the tables show mean ± std over them.
+        console: where the progress and tables go (default: a new rich Console on stdout).
+    Returns:
+        What results.json holds.
+    Raises:
+        InputError: `seeds` below 1, before anything runs.
+    """
     from tah.errors import InputError
 
     seeds = (1 if quick else 3) if seeds is None else seeds

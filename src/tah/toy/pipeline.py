@@ -1,4 +1,5 @@
-"""The demo's experiment, stage by stage, through the same CLI a researcher runs on Qwen3:
+"""The demo's experiment, stage by stage, through the library functions behind the commands a researcher
+runs on Qwen3 (`tah label`: `run_label`; `tah prune`: `prune`; `tah train`: `load_recipe`, then `train`):
 
     data      train.jsonl / heldout.jsonl of the arithmetic task, the char tokenizer
     pretrain  `tah train` (baseline standard) of a random tiny Qwen3: the base, good but imperfect
@@ -7,15 +8,18 @@
     train     Standard, AlwaysIterate, TaH+ (stage 1 + 2), TaH (pruned, stage 1 + 2): equal budgets
     evaluate  answers by greedy generation, teacher-forced next-token accuracy, iterated share
 
-Each stage's own output (Trainer logs and the like) goes to OUT/logs/<stage>.log.
+Each stage's own output (what the command prints, Trainer logs and the like) goes to
+OUT/logs/<stage>.log.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -24,6 +28,7 @@ from tah.errors import TaHError
 from tah.toy.task import TaskConfig, make_splits, to_jsonl
 from tah.toy.tokenizer import build_char_tokenizer
 
+T = TypeVar("T")
 RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "tiny-cpu"
 
 
@@ -65,22 +70,23 @@ def recipe_path(name: str) -> Path:
 
 
 class Stages:
-    """Runs the CLI stages of one seed under `root`, logging each to root/logs/<stage>.log."""
+    """Runs the pipeline stages of one seed under `root`, logging each to root/logs/<stage>.log."""
 
     def __init__(self, root: Path, settings: DemoSettings, seed: int) -> None:
         self.root, self.settings, self.seed = root, settings, seed
         (root / "logs").mkdir(parents=True, exist_ok=True)
 
-    def cli(self, log: str, *argv: str) -> float:
-        """Run `tah ARGV` with its stdout in logs/<log>.log; returns the seconds it took."""
-        from tah.cli import main
-
+    def logged(self, log: str, command: str, work: Callable[[], T]) -> tuple[T, float]:
+        """Run `work` (what `tah COMMAND` runs) with its stdout in logs/<log>.log; returns its result and
+        the seconds it took. A `TaHError` comes back naming the stage and its log."""
         started = time.perf_counter()
-        with open(self.root / "logs" / f"{log}.log", "a") as sink, contextlib.redirect_stdout(sink):
-            code = main(list(argv))
-        if code:
-            raise TaHError(f"demo stage `tah {' '.join(argv[:1])}` failed (exit {code}); see {self.root}/logs/{log}.log")
-        return time.perf_counter() - started
+        path = self.root / "logs" / f"{log}.log"
+        with open(path, "a") as sink, contextlib.redirect_stdout(sink):
+            try:
+                result = work()
+            except TaHError as err:
+                raise TaHError(f"demo stage `tah {command}` failed: {err} (its output: {path})") from err
+        return result, time.perf_counter() - started
 
     def data(self) -> tuple[list, list]:
         train, heldout = make_splits(replace(self.settings.task, seed=self.seed))
@@ -105,28 +111,45 @@ class Stages:
         return path
 
     def train(self, recipe: str, out: str, model: Path, data: Path, steps: int, lr: float, **extra) -> tuple[Path, float]:
+        """`tah train --config recipes/tiny-cpu/RECIPE.yaml --overwrite --set ...` into runs/OUT."""
+        from tah.train.recipe import load_recipe
+        from tah.train.run import train
+
         s = self.settings
         sets = {"model": model, "data": data, "output_dir": self.root / "runs" / out, "max_length": s.max_length,
                 "training.max_steps": steps, "training.learning_rate": lr, "training.seed": self.seed,
                 "training.per_device_batch_size": s.batch_size, "training.effective_batch_size": s.batch_size,
                 "training.logging_steps": max(steps // 10, 1), "training.save_steps": steps,
                 "training.save_total_limit": 1, "training.warmup_ratio": 0.05, **extra}
-        argv = ["train", "--config", str(recipe_path(recipe)), "--overwrite"]  # a rerun of the demo starts afresh
-        for key, value in sets.items():
-            argv += ["--set", f"{key}={value}"]
-        seconds = self.cli(out, *argv)
-        return self.root / "runs" / out / "final", seconds
+        overrides = [f"{key}={value}" for key, value in sets.items()]
+
+        def work() -> Path:
+            final = train(load_recipe(recipe_path(recipe), overrides), overwrite=True)  # a rerun starts afresh
+            print(f"final model: {final}")
+            return final
+
+        return self.logged(out, "train", work)
 
     def label(self, model: Path, split: str) -> tuple[Path, float]:
+        """`tah label` of data/SPLIT.jsonl with `model` as the reference, into data/labeled-SPLIT."""
+        from tah.data.label_run import run_label
+
         out = self.root / "data" / f"labeled-{split}"
-        seconds = self.cli(f"label-{split}", "label", "--model", str(model), "--data",
-                           str(self.root / "data" / f"{split}.jsonl"), "--out", str(out), "--max-length",
-                           str(self.settings.max_length), "--batch-size", "64")
+        _, seconds = self.logged(f"label-{split}", "label", lambda: run_label(
+            str(model), str(self.root / "data" / f"{split}.jsonl"), str(out), max_length=self.settings.max_length,
+            batch_size=64))
         return out, seconds
 
     def prune(self, model: Path) -> tuple[Path, float]:
+        """`tah prune --layers 1` of `model` on data/calibration.jsonl, into models/pruned."""
+        from tah.train.prune import print_report, prune
+
         out = self.root / "models" / "pruned"
-        seconds = self.cli("prune", "prune", "--model", str(model), "--data",
-                           str(self.root / "data" / "calibration.jsonl"), "--out", str(out), "--layers", "1",
-                           "--max-length", str(self.settings.max_length), "--batch-size", "32")
+
+        def work() -> None:
+            report = prune(str(model), str(self.root / "data" / "calibration.jsonl"), str(out), layers=1,
+                           max_length=self.settings.max_length, batch_size=32)
+            print_report(report, out)
+
+        _, seconds = self.logged("prune", "prune", work)
         return out, seconds

@@ -1,4 +1,5 @@
-"""`tah prune` and `tah train`."""
+"""`tah prune` and `tah train`: their options, dispatched to `tah.train.prune.prune` and `tah.train.run.train`
+(whose docstrings are the commands' help)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,9 @@ import argparse
 
 
 def register_prune(commands: argparse._SubParsersAction) -> None:
-    """`tah prune --model DIR --data DATA --out OUT [--layers K]`: greedily remove the K decoder layers
-    whose removal raises the calibration loss least; write the pruned HF model, its tokenizer and
-    prune_report.json (each layer's loss increase) to OUT."""
-    prune = commands.add_parser(
-        "prune", help="remove the layers whose removal raises held-out loss least",
-        description="Greedily remove the K decoder layers whose removal raises the calibration loss (next-token "
-                    "cross-entropy on the assistant tokens) least, re-measuring after each removal. Writes the "
-                    "pruned model (loadable by AutoModelForCausalLM), the tokenizer and prune_report.json to OUT.")
+    """`tah prune`: its options; the work, and the help text, are `tah.train.prune.prune`'s."""
+    prune = commands.add_parser("prune", help="remove the layers whose removal raises held-out loss least",
+                                calls="tah.train.prune:prune")
     prune.add_argument("--model", required=True, help="HF model directory (with its tokenizer files)")
     prune.add_argument("--data", required=True,
                        help="calibration JSONL: rows with chat `messages`, or `prompt` + `response`")
@@ -24,27 +20,20 @@ def register_prune(commands: argparse._SubParsersAction) -> None:
     prune.add_argument("--max-rows", type=int, default=None, help="use only the first N rows of --data")
 
     def run(args: argparse.Namespace) -> None:
-        from rich.console import Console
-
-        from tah.train.prune import REPORT, prune, report_table
+        from tah.train.prune import print_report, prune
 
         report = prune(args.model, args.data, args.out, layers=args.layers, max_length=args.max_length,
                        batch_size=args.batch_size, max_rows=args.max_rows)
-        console = Console(highlight=False)
-        console.print(report_table(report))
-        console.print(f"removed layers {report.removed}; wrote {args.out} (report: {REPORT})")
+        print_report(report, args.out)
 
     prune.set_defaults(run=run)
 
 
 def register_train(commands: argparse._SubParsersAction) -> None:
-    """`tah train --config RECIPE.yaml [--set key=value ...] [--resume]`."""
-    train = commands.add_parser(
-        "train", help="train stage 1 / stage 2 / a baseline from a YAML recipe",
-        description="Stage 1 trains base + LoRA with oracle hard-token labels choosing who iterates; stage 2 trains "
-                    "the decider of a stage-1 checkpoint; `baseline: standard | always` runs the same recipe with "
-                    "one pass / every token iterating. Checkpoints go to OUTPUT_DIR/checkpoint-N, the final model "
-                    "to OUTPUT_DIR/final. Runs under `accelerate launch` for several processes.")
+    """`tah train`: its options; the work, and the help text, are `tah.train.run.train`'s (after the
+    recipe and output_dir are checked, before torch loads)."""
+    train = commands.add_parser("train", help="train stage 1 / stage 2 / a baseline from a YAML recipe",
+                                calls="tah.train.run:train")
     train.add_argument("--config", required=True, help="YAML recipe (see recipes/)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe key, e.g. --set training.learning_rate=1e-4 (repeatable)")

@@ -234,9 +234,22 @@ def calibration_batches(data: str | os.PathLike, tokenizer, max_length: int, bat
 def prune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, layers: int = 1,
           max_length: int = 1024, batch_size: int = 4, max_rows: int | None = None,
           progress: bool = True) -> PruneReport:
-    """Load the HF model at `model_dir`, greedily remove `layers` decoder layers on the calibration
-    data, and write the pruned model, the model's tokenizer and `prune_report.json` to `out`
-    (staged in a temporary sibling, then renamed into place; an existing `out` is replaced)."""
+    """Greedily remove the decoder layers (--layers, default 1) whose removal raises the calibration
+    loss (next-token cross-entropy on the assistant tokens) least, re-measuring after each removal.
+    Writes the pruned model (loadable by AutoModelForCausalLM), the tokenizer and prune_report.json
+    (each layer's loss increase) to OUT.
+
+    Args:
+        model_dir: the Hugging Face model directory, with its tokenizer files.
+        data: calibration rows (chat `messages`, or `prompt` + `response`); `max_rows`: only the first.
+        out: staged in a temporary sibling, then renamed into place (an existing `out` is replaced).
+        layers, max_length, batch_size: how many layers go; tokens per row; rows per forward.
+    Returns:
+        The report written to OUT/prune_report.json.
+    Raises:
+        InputError: no model at `model_dir`, or no usable calibration rows.
+        ConfigError: a setting out of range (too many layers, a batch size below 1 ...).
+    """
     from transformers import AutoModelForCausalLM
 
     from tah.model.checkpoint import load_tokenizer
@@ -271,6 +284,16 @@ def prune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.P
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report
+
+
+def print_report(report: PruneReport, out: str | os.PathLike) -> None:
+    """What `tah prune` prints on stdout: the table of `report_table`, then what was removed and where
+    it went."""
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    console.print(report_table(report))
+    console.print(f"removed layers {report.removed}; wrote {out} (report: {REPORT})")
 
 
 def report_table(report: PruneReport):

@@ -33,9 +33,22 @@ DECIDER_SHAPE = ("decider", "decider_layers", "decider_hidden_dims", "decider_to
 
 
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
-    """Run the recipe; returns the directory of the final model. `resume` continues from the newest
-    complete checkpoint in output_dir (an `InputError` if there is none); `overwrite` discards an
-    earlier run there first. Without either, an output_dir holding a run is an `InputError`."""
+    """Train stage 1, stage 2 or a baseline from a YAML recipe. Stage 1 trains base + LoRA with oracle
+    hard-token labels choosing who iterates; stage 2 trains the decider of a stage-1 checkpoint;
+    `baseline: standard | always` runs the same recipe with one pass / every token iterating.
+    Checkpoints go to OUTPUT_DIR/checkpoint-N, the final model to OUTPUT_DIR/final. Runs under
+    `accelerate launch` for several processes.
+
+    Args:
+        recipe: a checked recipe (`tah.train.recipe.load_recipe`: the YAML and its --set overrides).
+        resume: continue from the newest complete checkpoint-N in output_dir.
+        overwrite: discard the run already in output_dir (checkpoint-N, final/) and start at step 0.
+    Returns:
+        The directory of the final model.
+    Raises:
+        InputError: `resume` with no complete checkpoint; an output_dir holding a run without
+            `resume` or `overwrite`; missing paths or unlabelled data for a TaH stage.
+    """
     _check_paths(recipe)
     out = Path(recipe.output_dir)
     checkpoint = _resume_point(out, resume, overwrite)
