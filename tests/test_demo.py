@@ -53,6 +53,23 @@ def test_printed_table_rows_match_results_json(demo):
         for key in ("answer_accuracy", "next_token_accuracy", "iterated_share"):
             assert f"{100 * row[key]:.1f}%" in line, (key, line)
         assert f"{row['parameters']:,}" in line
+        assert f"{row['flops_per_token'] / 1e6:.2f}M" in line
+
+
+def test_a_verdict_is_printed_for_every_claim(demo):
+    claims = demo["results"]["claims"]
+    assert len(claims) >= 6
+    lines = [line for line in demo["stdout"].splitlines() if "hold" in line]
+    for claim in claims:
+        line = next(line for line in lines if claim["claim"] in line)
+        assert ("does not hold" not in line) == claim["holds"], line
+
+
+def test_flops_per_token_follow_the_passes(demo):
+    models = {row["name"]: row for row in demo["results"]["models"]}
+    standard, always = models["Standard"]["flops_per_token"], models["AlwaysIterate"]["flops_per_token"]
+    assert 2 * standard < always < 2.5 * standard  # a second pass, plus its LoRA
+    assert standard < models["TaH+"]["flops_per_token"] < always
 
 
 def test_tah_iterates_some_tokens_standard_none_always_all(demo):

@@ -121,6 +121,24 @@ def test_deeper_passes_count_the_ce_thresholds_a_hard_token_exceeds():
             pass_counts(logits, ids, mask, **bad)
 
 
+def test_confidence_also_marks_the_right_but_unsure_tokens_hard():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 40, 5, generator=gen) * 2
+    ids = torch.randint(5, (2, 40), generator=gen)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    plain = pass_counts(logits, ids, mask)["iter_labels"]
+    unsure = pass_counts(logits, ids, mask, confidence=0.6)["iter_labels"]
+    p_true = logits[:, :-1].softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    right = logits[:, :-1].argmax(-1) == ids[:, 1:]
+    expected = torch.where(right & (p_true >= 0.6), 1, 2)
+    assert unsure[:, :-1].tolist() == expected.tolist() and (unsure[:, -1] == -100).all()
+    assert ((unsure == 2) & (plain == 1)).any()  # right but unsure: hard only with confidence
+    assert ((plain == 2) <= (unsure == 2)).all()  # every miss stays hard
+    for bad in (0.0, 1.0, 1.5, True):
+        with pytest.raises(InputError, match="confidence"):
+            pass_counts(logits, ids, mask, confidence=bad)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """A tiny random HF reference with a chat tokenizer saved to a directory, JSONL data, and the
@@ -186,6 +204,8 @@ def test_cli_refuses_bad_settings_before_loading(reference, tmp_path, capsys):
     args = ["label", "--model", str(reference["root"] / "ref"), "--data", reference["data"], "--out", str(tmp_path)]
     assert main(args + ["--max-iter", "3"]) == 2
     assert "--deep-ce" in capsys.readouterr().err
+    assert main(args + ["--confidence", "1.2"]) == 2
+    assert "--confidence" in capsys.readouterr().err
     assert main(["label", "--model", str(tmp_path / "nope"), "--data", reference["data"], "--out",
                  str(tmp_path / "o")]) == 2
     assert "config.json" in capsys.readouterr().err

@@ -45,6 +45,21 @@ def marked_labels(rows):
     return [[2 if r[2][t + 1] == 2 else 1 for t in range(len(r[2]) - 1)] + [-100] for r in rows]
 if a.labels == "marked":
     its, test_its = marked_labels(train_rows), marked_labels(test_rows)
+if a.labels.startswith("ce:"):  # hard where the base's argmax is wrong or its CE on the truth > the threshold
+    @torch.no_grad()
+    def ce_labels(model, rows, bs=128):
+        model.eval(); out = []
+        for i in range(0, len(rows), bs):
+            chunk = rows[i:i + bs]; ids, lab, kind, mask = batchify(chunk)
+            logp = model(input_ids=ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)
+            ce = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+            hard = (logp.argmax(-1) != ids[:, 1:]) | (ce > float(a.labels[3:]))
+            for j, r in enumerate(chunk):
+                out.append([2 if h else 1 for h in hard[j, :len(r[0]) - 1].tolist()] + [-100])
+        return out
+    its, test_its = ce_labels(m, train_rows), ce_labels(m, test_rows)
+    if a.prompt_labels == "easy":
+        its, test_its = prompt_easy(train_rows, its), prompt_easy(test_rows, test_its)
 if a.labels == "type":
     its, test_its = type_labels(train_rows), type_labels(test_rows)
 sup = sum(1 for r, it in zip(train_rows, its) for l, i in zip(r[1][1:], it) if l != -100 and i == 2)

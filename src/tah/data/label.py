@@ -6,6 +6,9 @@ real token, prompt positions included (the model iterates on them at inference t
 
     1   the reference's argmax at t is input_ids[t+1]          (easy)
     2   it is not                                               (hard)
+        with `confidence` p set, also where the argmax is right but gives input_ids[t+1] a
+        probability below p (the reference was unsure: the whole class of tokens it finds hard,
+        not only the ones it happens to miss; the paper's rule is p unset)
     2+k with max_iter > 2: a hard token gets 2 + k passes, k = how many of the `deep_ce` thresholds
         (max_iter - 2 of them, in nats, increasing) the reference's cross-entropy on it exceeds:
         the more surprised the reference, the deeper. (A missed token's CE is always > ln 2.)
@@ -53,13 +56,23 @@ def check_rule(max_iter: int, deep_ce) -> list[float] | None:
     return thresholds
 
 
+def check_confidence(confidence) -> float | None:
+    """Validate `confidence` (None, or a probability in (0, 1))."""
+    if confidence is None:
+        return None
+    if isinstance(confidence, bool) or not isinstance(confidence, int | float) or not 0 < confidence < 1:
+        raise InputError(f"confidence (--confidence) must be a probability in (0, 1), e.g. 0.9; got {confidence!r}")
+    return float(confidence)
+
+
 def pass_counts(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                max_iter: int = 2, deep_ce=None) -> dict[str, torch.Tensor]:
+                max_iter: int = 2, deep_ce=None, confidence: float | None = None) -> dict[str, torch.Tensor]:
     """The rule above for one batch. logits (B, T, V) of the reference; input_ids, attention_mask
     (B, T), either padding side. Returns iter_labels (B, T) long, and the reference's ref_ce (its
     cross-entropy on the true next token) and ref_entropy, (B, T) float32 in nats, 0 where
     iter_labels is -100."""
     thresholds = check_rule(max_iter, deep_ce)
+    confidence = check_confidence(confidence)
     batch, length, vocab = logits.shape
     valid = attention_mask.bool()
     has_next = torch.zeros_like(valid)
@@ -77,6 +90,8 @@ def pass_counts(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: t
         ce[:, start:end] = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         entropy[:, start:end] = torch.special.entr(logp.exp()).sum(-1)
     hard = has_next & ~hit
+    if confidence is not None:
+        hard |= has_next & (ce > -math.log(confidence))
     iters = 1 + hard.long()
     if thresholds:
         deeper = (ce.unsqueeze(-1) > torch.tensor(thresholds, device=ce.device)).sum(-1)
@@ -87,7 +102,7 @@ def pass_counts(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: t
 
 @torch.no_grad()
 def label_batch(reference_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_iter: int = 2,
-                deep_ce=None) -> dict[str, torch.Tensor]:
+                deep_ce=None, confidence: float | None = None) -> dict[str, torch.Tensor]:
     """Run the reference model teacher-forced on a padded batch and apply `pass_counts` (on CPU)."""
     device = next(reference_model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -96,12 +111,12 @@ def label_batch(reference_model, input_ids: torch.Tensor, attention_mask: torch.
     logits = reference_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                              use_cache=False).logits
     return {key: value.cpu() for key, value in pass_counts(logits, input_ids, attention_mask, max_iter,
-                                                            deep_ce).items()}
+                                                            deep_ce, confidence).items()}
 
 
 def label_dataset(reference_model, dataset, out_dir: str | os.PathLike, *, batch_size: int = 8,
-                  max_iter: int = 2, shard_size: int = 1024, deep_ce=None, save_stats: bool = False,
-                  progress: bool = True, reference_name: str | None = None) -> dict:
+                  max_iter: int = 2, shard_size: int = 1024, deep_ce=None, confidence: float | None = None,
+                  save_stats: bool = False, progress: bool = True, reference_name: str | None = None) -> dict:
     """Label `dataset` (columns input_ids, labels, e.g. from `build_dataset`) with `reference_model`
     and write the result to `out_dir` (layout in `tah.data.shards`): a `datasets` dataset with
     input_ids, labels, iter_labels (and ref_entropy, ref_ce per token with `save_stats`) and
@@ -116,6 +131,7 @@ def label_dataset(reference_model, dataset, out_dir: str | os.PathLike, *, batch
     from accelerate import PartialState
 
     thresholds = check_rule(max_iter, deep_ce)
+    confidence = check_confidence(confidence)
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be a positive integer, got {value!r}")
@@ -129,6 +145,8 @@ def label_dataset(reference_model, dataset, out_dir: str | os.PathLike, *, batch
     manifest = {"format": 1, "rows": len(dataset), "data_sha256": fingerprint(dataset), "shard_size": shard_size,
                 "max_iter": max_iter, "deep_ce": thresholds, "save_stats": save_stats,
                 "reference": name or type(reference_model).__name__}
+    if confidence is not None:  # only when set: runs labelled before the option existed still resume
+        manifest["confidence"] = confidence
     store.check_manifest(manifest)  # every process, before anyone writes: all raise alike
     state.wait_for_everyone()
     if state.is_main_process:
@@ -142,7 +160,8 @@ def label_dataset(reference_model, dataset, out_dir: str | os.PathLike, *, batch
         if len(todo) < len(mine) and state.is_main_process:
             print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already done", file=sys.stderr)
         _label_shards(reference_model, dataset, store, todo, sizes, batch_size=batch_size, max_iter=max_iter,
-                      deep_ce=thresholds, save_stats=save_stats, progress=progress and state.is_main_process)
+                      deep_ce=thresholds, confidence=confidence, save_stats=save_stats,
+                      progress=progress and state.is_main_process)
         state.wait_for_everyone()
         if state.is_main_process:
             counts = store.merge(num_shards)
@@ -153,7 +172,7 @@ def label_dataset(reference_model, dataset, out_dir: str | os.PathLike, *, batch
 
 
 def _label_shards(model, dataset, store: ShardStore, todo: list[int], sizes: list[int], *, batch_size: int,
-                  max_iter: int, deep_ce, save_stats: bool, progress: bool) -> None:
+                  max_iter: int, deep_ce, confidence: float | None, save_stats: bool, progress: bool) -> None:
     import datasets
     from tqdm.auto import tqdm
 
@@ -172,7 +191,8 @@ def _label_shards(model, dataset, store: ShardStore, todo: list[int], sizes: lis
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
                 batch = collate([{"input_ids": ids[i], "labels": labels[i]} for i in chunk])
-                result = label_batch(model, batch["input_ids"], batch["attention_mask"], max_iter, deep_ce)
+                result = label_batch(model, batch["input_ids"], batch["attention_mask"], max_iter, deep_ce,
+                                     confidence)
                 for row, i in enumerate(chunk):
                     out[i] = {key: value[row, :len(ids[i])] for key, value in result.items()}
                 bar.update(len(chunk))
@@ -217,7 +237,8 @@ def summarize(counts: list[dict], manifest: dict) -> dict:
             "mean_reference_ce": share(total["ce_sum"], total["labelled"]),
             "assistant_mean_reference_ce": share(total["assistant_ce_sum"], total["assistant"]),
             "iter_histogram": {str(k): histogram[k] for k in range(1, len(histogram))},
-            "max_iter": manifest["max_iter"], "deep_ce": manifest["deep_ce"], "reference": manifest["reference"],
+            "max_iter": manifest["max_iter"], "deep_ce": manifest["deep_ce"],
+            "confidence": manifest.get("confidence"), "reference": manifest["reference"],
             "shards": [{"rows": c["rows"], "hard_tokens": c["hard"], "written_by_pid": c["pid"]} for c in counts]}
 
 

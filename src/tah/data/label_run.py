@@ -10,7 +10,7 @@ import torch
 from accelerate import PartialState
 
 from tah.data.chat import build_dataset
-from tah.data.label import check_rule, label_dataset
+from tah.data.label import check_confidence, check_rule, label_dataset
 from tah.data.shards import write_json
 from tah.errors import CheckpointError, InputError
 from tah.model.checkpoint import load_tokenizer
@@ -20,9 +20,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def run_label(model: str, data: str, out: str, *, tokenizer: str | None = None, max_length: int = 2048,
               batch_size: int = 8, shard_size: int = 1024, max_iter: int = 2, deep_ce: list[float] | None = None,
-              strict: bool = False, save_stats: bool = False, dtype: str = "auto", progress: bool = True) -> dict:
+              confidence: float | None = None, strict: bool = False, save_stats: bool = False, dtype: str = "auto", progress: bool = True) -> dict:
     """Run a reference model teacher-forced over chat data and mark the hard tokens: those where the
-    reference's argmax is not the true next token. Writes OUT/dataset (a `datasets` dataset with
+    reference's argmax is not the true next token (with --confidence P, also those it predicts right
+    with a probability below P: the tokens it is unsure of). Writes OUT/dataset (a `datasets` dataset with
     input_ids, labels, iter_labels; plus ref_entropy and ref_ce with --save-stats) and OUT/stats.json.
 
     iter_labels[t] = passes for the prediction at position t (of token t+1): 1 easy, 2 hard, -100 for
@@ -35,7 +36,7 @@ def run_label(model: str, data: str, out: str, *, tokenizer: str | None = None, 
     N CPU processes) every process labels its share of the shards.
 
     Args:
-        model, data, out, tokenizer, max_length, batch_size, shard_size, max_iter, deep_ce, strict,
+        model, data, out, tokenizer, max_length, batch_size, shard_size, max_iter, deep_ce, confidence, strict,
         save_stats, dtype: as `tah label`'s options of the same names (dtype "auto": bfloat16 on a
         GPU, float32 on CPU). progress: draw a progress bar.
     Returns:
@@ -45,6 +46,7 @@ def run_label(model: str, data: str, out: str, *, tokenizer: str | None = None, 
         both before any labelling.
     """
     check_rule(max_iter, deep_ce)  # fail before loading anything
+    check_confidence(confidence)
     # cpu=True without CUDA: processes started by `accelerate launch --multi_gpu` / torchrun then talk
     # over gloo (accelerate's own --cpu launcher starts one process unless MPI is set up). Long
     # timeout: on a resumed run one process may have many more shards left than another.
@@ -65,7 +67,7 @@ def run_label(model: str, data: str, out: str, *, tokenizer: str | None = None, 
         raise InputError(f"the tokenizer produced id {top} but the reference model has {vocab} embeddings; "
                          "use the reference model's own tokenizer (--tokenizer)")
     stats = label_dataset(reference, dataset, out, batch_size=batch_size, max_iter=max_iter, shard_size=shard_size,
-                          deep_ce=deep_ce, save_stats=save_stats, progress=progress,
+                          deep_ce=deep_ce, confidence=confidence, save_stats=save_stats, progress=progress,
                           reference_name=str(model_dir.resolve()))
     stats["data"] = {"source": report.source, "rows": report.total, "kept": report.kept,
                      "skipped": len(report.skipped), "first_skipped": report.skipped[:5]}

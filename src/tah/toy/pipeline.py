@@ -37,7 +37,7 @@ class DemoSettings:
     """Sizes and budgets of one demo run. Fine-tuning budgets are equal across the four models;
     stage 2 (decider only) gets `decider_steps` on top, as in the paper."""
 
-    task: TaskConfig = field(default_factory=lambda: TaskConfig.quick(train_size=3000, heldout_size=200))
+    task: TaskConfig = field(default_factory=lambda: TaskConfig.quick(train_size=3000, heldout_size=200, width=4))
     hidden: int = 64
     layers: int = 3
     heads: int = 4
@@ -50,6 +50,7 @@ class DemoSettings:
     decider_lr: float = 3e-3
     pos_weight: float = 3.0
     threshold: float = 0.5
+    label_confidence: float | None = 0.9  # `tah label --confidence`: the tokens the base is unsure of are hard too
     max_length: int = 96
     eval_problems: int = 200
     samples: int = 6
@@ -57,7 +58,7 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> DemoSettings:
         """About a minute: two-operand problems, a narrower model, a few hundred steps."""
-        return cls(task=TaskConfig.quick(terms=(2, 2), train_size=2000, heldout_size=100), hidden=48,
+        return cls(task=TaskConfig.quick(terms=(2, 2), train_size=2000, heldout_size=100, width=4), hidden=48,
                    pretrain_steps=500, finetune_steps=150, decider_steps=60, eval_problems=100, samples=4)
 
 
@@ -137,7 +138,7 @@ class Stages:
         out = self.root / "data" / f"labeled-{split}"
         _, seconds = self.logged(f"label-{split}", "label", lambda: run_label(
             str(model), str(self.root / "data" / f"{split}.jsonl"), str(out), max_length=self.settings.max_length,
-            batch_size=64))
+            batch_size=64, confidence=self.settings.label_confidence))
         return out, seconds
 
     def prune(self, model: Path) -> tuple[Path, float]:

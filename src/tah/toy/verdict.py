@@ -32,8 +32,8 @@ def verdict_lines(results: dict) -> str:
     """The claims as printable lines (rich markup)."""
     lines = ["[bold]The paper's claims on this run:[/]"]
     for claim in results.get("claims") or claims(results):
-        mark = "[green]holds[/]" if claim["holds"] else "[red]does not hold[/]"
-        lines.append(f"  {mark:<26} {claim['claim']}: {claim['detail']}")
+        mark = "[green]holds[/]        " if claim["holds"] else "[red]does not hold[/]"  # equal visible widths
+        lines.append(f"  {mark} {claim['claim']}: {claim['detail']}")
     return "\n".join(lines)
 
 
