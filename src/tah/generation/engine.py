@@ -15,9 +15,9 @@ so its computation is exactly what the unfused loop would do with that token. On
 final logits exist, the draft is kept if it is what the unfused loop would have produced (greedy:
 the argmax; sampling: speculative acceptance, exact in distribution), otherwise its KV entry is
 dropped and the right token runs next. Greedy decoding may draft several candidates, the top few of
-the depth-0 logits, side by side (rivals: none sees another's KV entry), since a deeper pass that
-changes the token most often picks a runner-up. Works for any max_iter: deeper passes of the hard
-token run in the following forwards while the drafts wait.
+the depth-0 logits, side by side (each on a branch of its own: none sees another's KV entry), since
+a deeper pass that changes the token most often picks a runner-up. Works for any max_iter: deeper
+passes of the hard token run in the following forwards while the drafts wait.
 
 Unfused (`fused=False`): a hard row runs only its deep queries until the token is final; other rows
 of the batch keep decoding in the same forwards.
@@ -296,17 +296,31 @@ class Decoder:
             for rows, cols, x in parts:
                 inputs[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = x
         depths = {self.rows[b].deep_depth for b in deep} | ({0} if feeds else set()) | ({1} if prompt else set())
-        # Draft candidates are rivals, which the cache looks for in mixed-depth passes only: they
-        # always run beside their hard token's deeper pass.
         depth = depths.pop() if len(depths) == 1 else torch.tensor(depth_tags, device=device)
         positions = torch.tensor(pos_tags, device=device)
         real = torch.tensor(real_tags, dtype=torch.bool, device=device)
+        branches = self._branches(shallow, col_shallow, width)
         if not prompt:
-            logits, hidden = self.model.run_pass(inputs, positions, real, depth, self.cache, need_hidden)
+            logits, hidden = self.model.run_pass(inputs, positions, real, depth, self.cache, need_hidden,
+                                                 branches=branches)
             return _Forward(logits, hidden, positions, col_deep, col_shallow)
         need = (torch.arange(width, device=device) < col_prompt).expand(batch, -1)
-        logits, hidden = self.model.run_pass(inputs, positions, real, depth, self.cache, need_hidden, need=need)
+        logits, hidden = self.model.run_pass(inputs, positions, real, depth, self.cache, need_hidden, need=need,
+                                             branches=branches)
         return _Forward(logits.view(batch, col_prompt, -1), hidden, positions, col_deep, col_shallow, True)
+
+    def _branches(self, shallow: list[int], col_shallow: int, width: int) -> list[list[int]] | None:
+        """The step's branch ids (B, width) when a row runs several draft candidates: candidate j on
+        branch j + 1, so that none sees another's KV entry and each computes what it would alone
+        (the cache's `begin_pass`); None when no row does."""
+        several = [b for b in shallow if len(self.rows[b].feeds) > 1]  # only draft candidates come several
+        if not several:
+            return None
+        branches = [[0] * width for _ in self.rows]
+        for b in several:
+            for j in range(len(self.rows[b].feeds)):
+                branches[b][col_shallow + j] = j + 1
+        return branches
 
     def _prompt_queries(self) -> tuple[list[tuple[int, int, int]], torch.Tensor | None]:
         """The deferred prompt queries of rows still decoding, (row, column, position) and their

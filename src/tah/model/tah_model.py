@@ -350,15 +350,15 @@ class TaHForCausalLM(nn.Module):
 
     def run_pass(self, inputs: torch.Tensor, positions: torch.Tensor, real: torch.Tensor,
                  depth: int | torch.Tensor, cache: TaHCache, need_hidden: bool,
-                 need: torch.Tensor | None = None, head=None) -> tuple[torch.Tensor, tuple | None]:
+                 need: torch.Tensor | None = None, head=None, branches=None) -> tuple[torch.Tensor, tuple | None]:
         """One forward of the base model over (B, A) queries: inputs (B, A, H) embeddings, positions
         (B, A), real (B, A) bool (False = padding), depth an int or a (B, A) tensor (queries of one
         forward may sit at different depths). Returns logits (B, A, V) and HF's hidden_states tuple
         (only the decider's layers filled) when `need_hidden`. With `need` (B, A) bool, the LM head
         runs only there and the logits come back as (N_need, V), row-major. `head`, when given, replaces
         the LM head: it maps the final hidden states ((B, A, H), or their (N_need, H) rows) to what
-        comes back instead of logits."""
-        mask = cache.begin_pass(positions, depth, real, inputs.dtype)
+        comes back instead of logits. branches: alternatives among the queries (`TaHCache.begin_pass`)."""
+        mask = cache.begin_pass(positions, depth, real, inputs.dtype, branches)
         wanted = self.decider.needs_hidden if need_hidden else ()
         wanted = (list(wanted) if HF_SELECTS_HIDDEN else True) if wanted else False
         # A decode step on CPU runs the LM head itself too, as few_rows chooses (HF's head is F.linear)
