@@ -9,6 +9,7 @@ from conftest import left_padded, tiny_tah
 from tah.errors import InputError
 from tah.model import cache as cache_module
 from tah.model.cache import TaHCache
+from tah.model.step import Queries
 
 ATOL = 1e-4
 DECIDERS = [("random", dict(random_rate=0.5, seed=3)), ("mlp", dict(threshold=0.3))]
@@ -306,8 +307,8 @@ def test_draft_candidates_on_branches_compute_what_each_would_alone(few_queries,
             real = torch.ones(1, width, dtype=torch.bool)
             branches = [list(range(width))]  # the deep query on branch 0, the candidates on 1, 2, ...
             branches = branches if as_lists else torch.tensor(branches)
-            logits, _ = model.run_pass(inputs, positions, real, depth, copy.deepcopy(prefill), need_hidden=False,
-                                       branches=branches)
+            queries = Queries(inputs, positions, depth, real, branches)
+            logits, _ = model.run_pass(queries, copy.deepcopy(prefill), need_hidden=False)
             return logits[0]
 
         both, first, second = step([10, 20]), step([10]), step([20])
