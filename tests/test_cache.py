@@ -9,6 +9,7 @@ from conftest import left_padded, tiny_tah
 from tah.errors import InputError
 from tah.model import cache as cache_module
 from tah.model.cache import TaHCache
+from tah.model.step import Queries
 
 ATOL = 1e-4
 DECIDERS = [("random", dict(random_rate=0.5, seed=3)), ("mlp", dict(threshold=0.3))]
@@ -278,13 +279,14 @@ def test_lone_depth0_mask_follows_the_tags_through_fused_steps_and_rollbacks(pro
     assert checked >= 11  # every step once the first draft exists
 
 
-# -- rival drafts: two candidates for one token, side by side ------------------------------------
+# -- branches: alternatives for one token, side by side -----------------------------------------
 @pytest.mark.parametrize("few_queries", [cache_module.FEW_QUERIES, 0], ids=["in Python", "tensor ops"])
-def test_rival_draft_candidates_compute_what_each_would_alone(few_queries, monkeypatch):
+@pytest.mark.parametrize("as_lists", [False, True], ids=["tensor", "lists"])
+def test_draft_candidates_on_branches_compute_what_each_would_alone(few_queries, as_lists, monkeypatch):
     """A fused greedy step runs a hard token's depth-1 pass beside two draft candidates for the next
-    position. The candidates share (position, depth 0); neither may see the other's entry, so each
-    (and the deep query) must get the logits it gets in a step without the other. Decode steps find
-    rivals in Python; bigger passes with tensor ops."""
+    position, each on a branch of its own. The candidates share (position, depth 0); neither may
+    see the other's entry, so each (and the deep query) must get the logits it gets in a step
+    without the other. Decode steps separate branches in Python; bigger passes with tensor ops."""
     import copy
 
     monkeypatch.setattr(cache_module, "FEW_QUERIES", few_queries)
@@ -303,7 +305,10 @@ def test_rival_draft_candidates_compute_what_each_would_alone(few_queries, monke
             positions = torch.tensor([[hard_pos] + [hard_pos + 1] * (width - 1)])
             depth = torch.tensor([[1] + [0] * (width - 1)])
             real = torch.ones(1, width, dtype=torch.bool)
-            logits, _ = model.run_pass(inputs, positions, real, depth, copy.deepcopy(prefill), need_hidden=False)
+            branches = [list(range(width))]  # the deep query on branch 0, the candidates on 1, 2, ...
+            branches = branches if as_lists else torch.tensor(branches)
+            queries = Queries(inputs, positions, depth, real, branches)
+            logits, _ = model.run_pass(queries, copy.deepcopy(prefill), need_hidden=False)
             return logits[0]
 
         both, first, second = step([10, 20]), step([10]), step([20])

@@ -188,27 +188,39 @@ def test_logits_to_keep_matches_the_full_forward():
 
 
 def test_a_deferred_depth1_pass_completes_the_prefill_it_left():
-    """defer_deep=True stops a max_iter-2 prefill before its depth-1 pass and returns that pass
-    (what the decoder runs in its first step). Run afterwards on the same cache, it leaves the
-    entries of the full prefill, and adds to the last tokens' depth-0 logits what the full
-    prefill's depth 1 does. Deferring is refused where depth 1 is not the last pass."""
+    """The decoder's prefill runs the model's forward a depth at a time and, with max_iter 2, stops
+    before its depth-1 pass, whose queries it runs in its first step. Run afterwards on the same
+    cache, that pass leaves the entries of the full prefill, and adds to the last tokens' depth-0
+    logits what the full prefill's depth 1 does. A loop run to its end is the forward (max_iter 3:
+    one step per depth)."""
     model = strong_model(2, rate=0.5)
     ids, mask = left_padded([6, 9, 7], seed=1)
     with torch.no_grad():
         full = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-        part = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1, defer_deep=True)
-        inputs, positions, real = part.deferred
+        loop = model.begin_forward(ids, mask, logits_to_keep=1)
+        model.depth_step(loop)
+        pending, part = loop.tokens, model.end_forward(loop, use_cache=True)
+        positions, real = pending.positions, pending.real
+        assert pending.depth == 1
         assert int(real.sum()) == int((full.iter_count[mask.bool()] == 2).sum()) > 0
         assert torch.all(part.iter_count == 1) and not torch.equal(part.cache.entries(), full.cache.entries())
-        logits, _ = model.run_pass(inputs, positions, real, 1, part.cache, need_hidden=False)
+        logits, _ = model.run_pass(pending, part.cache, need_hidden=False)
     assert torch.equal(part.cache.entries(), full.cache.entries())
     last = mask.sum(1) - 1
     for b in range(ids.shape[0]):
         hit = (positions[b] == last[b]) & real[b]
         expected = part.logits[b, -1] + (logits[b][hit][0] if hit.any() else 0)
         torch.testing.assert_close(expected, full.logits[b, -1], atol=1e-5, rtol=0)
-    with pytest.raises(InputError, match="defer_deep"):
-        strong_model(3)(ids, attention_mask=mask, logits_to_keep=1, defer_deep=True)
+    deeper = strong_model(3, rate=0.5)
+    with torch.no_grad():
+        whole = deeper(ids, attention_mask=mask, logits_to_keep=1)
+        loop, depths = deeper.begin_forward(ids, mask, logits_to_keep=1), []
+        while loop.tokens is not None:
+            depths.append(loop.tokens.depth)
+            deeper.depth_step(loop)
+        stepped = deeper.end_forward(loop)
+    assert depths == [0, 1, 2]
+    assert torch.equal(stepped.logits, whole.logits) and torch.equal(stepped.iter_count, whole.iter_count)
 
 
 # -- sampling: the fused path must draw from exactly the unfused distribution ---------------------

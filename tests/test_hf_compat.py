@@ -9,6 +9,7 @@ from conftest import tiny_lm, tiny_tah
 from tah import TaHConfig, TaHForCausalLM
 from tah.errors import ConfigError
 from tah.model.cache import TaHCache
+from tah.model.step import Queries
 
 
 @pytest.mark.parametrize("layers", [[0, 1, 3], [2, 3], [1]])
@@ -25,8 +26,8 @@ def test_decider_hidden_states_use_hf_numbering(layers, own_head):
         reference = model.lm(input_ids=ids, output_hidden_states=True)
         assert len(reference.hidden_states) == 4
         need = real if own_head else None  # `need` makes run_pass call the inner decoder with our head
-        logits, hidden = model.run_pass(model.lm.get_input_embeddings()(ids), positions, real, 0, TaHCache(),
-                                        need_hidden=True, need=need)
+        queries = Queries(model.lm.get_input_embeddings()(ids), positions, 0, real)
+        logits, hidden = model.run_pass(queries, TaHCache(), need_hidden=True, need=need)
     assert logits.view(2, 7, -1).allclose(reference.logits, atol=1e-5)
     for index in layers:
         assert hidden[index].shape == (2, 7, 32)

@@ -309,7 +309,7 @@ def test_valid_rows_do_not_depend_on_a_padding_row():
 def test_our_lm_head_linear_has_linears_gradients():
     """Depth >= 1 runs the LM head through `_HeadLinear` (a weight gradient of its own, not a view):
     its gradients are F.linear's, with and without a bias."""
-    from tah.model.tah_model import _HeadLinear
+    from tah.model.step import _HeadLinear
 
     torch.manual_seed(0)
     hidden = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)

@@ -15,9 +15,9 @@ so its computation is exactly what the unfused loop would do with that token. On
 final logits exist, the draft is kept if it is what the unfused loop would have produced (greedy:
 the argmax; sampling: speculative acceptance, exact in distribution), otherwise its KV entry is
 dropped and the right token runs next. Greedy decoding may draft several candidates, the top few of
-the depth-0 logits, side by side (rivals: none sees another's KV entry), since a deeper pass that
-changes the token most often picks a runner-up. Works for any max_iter: deeper passes of the hard
-token run in the following forwards while the drafts wait.
+the depth-0 logits, side by side (each on a branch of its own: none sees another's KV entry), since
+a deeper pass that changes the token most often picks a runner-up. Works for any max_iter: deeper
+passes of the hard token run in the following forwards while the drafts wait.
 
 Unfused (`fused=False`): a hard row runs only its deep queries until the token is final; other rows
 of the batch keep decoding in the same forwards.
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,7 +38,10 @@ from tah.generation.reference import GenerationOutput
 from tah.generation.sampling import Sampler
 from tah.model.cache import TaHCache
 from tah.model.decider import ConstantDecider
-from tah.model.soft_input import soft_embedding
+from tah.model.step import Queries
+
+if TYPE_CHECKING:
+    from tah.model.tah_model import TaHOutput
 
 
 @dataclass
@@ -122,7 +126,7 @@ class Decoder:
         self.max_iter = model.tah_config.max_iter
         decider = model.decider
         self.decides = self.max_iter > 1 and not (isinstance(decider, ConstantDecider) and not decider.value)
-        self.embed = model.lm.get_input_embeddings()
+        self.embed = model.embed
         self.stats = DecodeStats(draft_candidates=candidates)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -145,10 +149,7 @@ class Decoder:
         self.input_ids = input_ids
         batch = input_ids.shape[0]
         self.cache = TaHCache(capacity=capacity, deep_capacity=capacity // 8 + 16)
-        # max_iter 2: the prompt's depth-1 pass rides in the first step's forward (see _defer)
-        defer = self.decides and self.max_iter == 2
-        out = self.model(input_ids, attention_mask=attention_mask, past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=1, defer_deep=defer)
+        out, pending = self._prefill(input_ids, attention_mask)
         vocab = out.logits.shape[-1]
         device, dtype = out.logits.device, out.logits.dtype
         self.deep_acc = torch.zeros(batch, vocab, device=device, dtype=dtype)  # pending hard tokens
@@ -159,7 +160,7 @@ class Decoder:
         lengths = attention_mask.sum(1).tolist()
         self.rows = [_Row(next_pos=int(n) - 1) for n in lengths]  # the last prompt token's position, for now
         self.deferred = None  # (row, column, position) of each deferred prompt query, and their (N, H) inputs
-        hard_last = self._defer(out.deferred) if out.deferred is not None else [False] * batch
+        hard_last = self._defer(pending) if pending is not None else [False] * batch
         l0 = out.logits[:, -1]
         first, q = self.sampler.pick(l0)
         picks = [(token,) for token in first.tolist()]
@@ -178,13 +179,22 @@ class Decoder:
         self._apply_copies()
         self.stats.prefill_seconds = time.perf_counter() - started
 
-    def _defer(self, deferred: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> list[bool]:
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[TaHOutput, Queries | None]:
+        """The model's forward over the prompts, run a depth at a time; with max_iter 2 it stops
+        before the last pass (depth 1), whose queries come back to ride in the first step (_defer)."""
+        loop = self.model.begin_forward(input_ids, attention_mask, cache=self.cache, logits_to_keep=1)
+        defer = self.decides and self.max_iter == 2
+        while loop.tokens is not None and not (defer and loop.tokens.depth == 1):
+            self.model.depth_step(loop)
+        return self.model.end_forward(loop, use_cache=True), loop.tokens
+
+    def _defer(self, pending: Queries) -> list[bool]:
         """Keep the prompt's depth-1 pass, which prefill did not run, for the first step's forward:
         nothing reads a depth-1 entry before it (depth-0 queries never do), and it then costs a few
         more rows of a pass over the weights instead of a pass of its own. A row whose last prompt
         token is hard takes that token's pass as a pending hard token instead (drafting the first
         token beside it when fused). Returns, per row, whether its last prompt token is hard."""
-        inputs, positions, real = deferred
+        inputs, positions, real = pending.inputs, pending.positions, pending.real
         last = [row.next_pos for row in self.rows]
         pos_lists, real_lists = positions.tolist(), real.tolist()
         hard_last = [any(r and p == last[b] for p, r in zip(pos_lists[b], real_lists[b], strict=True))
@@ -226,15 +236,8 @@ class Decoder:
         # The deep results stay on the device until the shallow ones sync (one stall per step).
         dp = self._deep_results(deep, step) if deep else None
         results = self._shallow_results(shallow, step) if shallow else []
-        if len(normal) < len(shallow):  # drafts ran beside their hard token: they wait for its verdict
-            slots = self.cache.last_slots.tolist()
-            for b, row_results in zip(shallow, results, strict=True):
-                if b in normal:
-                    continue
-                row = self.rows[b]
-                for j, (draft, (hard, picks)) in enumerate(zip(row.drafts, row_results, strict=True)):
-                    draft.slot, draft.hard, draft.next = slots[b][step.col_shallow + j], hard, picks
-                row.feeds = []
+        if len(normal) < len(shallow):
+            self._hold_drafts([(b, r) for b, r in zip(shallow, results, strict=True) if b not in normal], step)
         self.copies: list[tuple[int, int, str]] = []  # (row, feed, what)
         self.rollbacks: list[tuple[int, int]] = []
         if dp is not None:
@@ -250,22 +253,45 @@ class Decoder:
         self._apply_copies()
         return bool(deep) or step.prompt
 
+    def _hold_drafts(self, ran: list[tuple[int, list[tuple[bool, tuple[int, ...]]]]], step: _Forward) -> None:
+        """Drafts ran beside their hard token: each keeps its KV slot and its own results (hard?,
+        picks) until the hard token's verdict. ran: (row, its drafts' results) per such row."""
+        slots = self.cache.last_slots.tolist()
+        for b, row_results in ran:
+            row = self.rows[b]
+            for j, (draft, (hard, picks)) in enumerate(zip(row.drafts, row_results, strict=True)):
+                draft.slot, draft.hard, draft.next = slots[b][step.col_shallow + j], hard, picks
+            row.feeds = []
+
     # -- device work ---------------------------------------------------------------------------
     def _forward(self, deep: list[int], shallow: list[int]) -> _Forward:
-        """One model forward: column 0 holds the deep queries, the next ones each row's depth-0 tokens."""
+        """The step's pass: the model's `run_pass` over the queries `_schedule` lays out."""
+        queries, col_deep, col_shallow, col_prompt = self._schedule(deep, shallow)
+        need_hidden = self.decides and bool(self.model.decider.needs_hidden)
+        if col_prompt is None:
+            logits, hidden = self.model.run_pass(queries, self.cache, need_hidden)
+            return _Forward(logits, hidden, queries.positions, col_deep, col_shallow)
+        # The prompt's deferred queries' logits nobody reads: the LM head skips them (at context 2048, ~200).
+        batch, width = queries.real.shape
+        need = (torch.arange(width, device=queries.real.device) < col_prompt).expand(batch, -1)
+        logits, hidden = self.model.run_pass(queries, self.cache, need_hidden, need=need)
+        return _Forward(logits.view(batch, col_prompt, -1), hidden, queries.positions, col_deep, col_shallow, True)
+
+    def _schedule(self, deep: list[int], shallow: list[int]) -> tuple[Queries, int, int, int | None]:
+        """The step's queries, rows scheduled into columns: column 0 holds the deep queries (a row's
+        pending hard token's next pass, its input the soft input of its sums), the next ones each
+        row's depth-0 tokens (their embeddings), then the prompt's deferred queries (inputs made in
+        prefill). Returns them, the columns of the deep and first depth-0 queries and the first
+        prompt column (None: none this step)."""
         batch = len(self.rows)
         device = self.deep_acc.device
-        need_hidden = self.decides and bool(self.model.decider.needs_hidden)
         feeds = [(b, j, token) for b in shallow for j, token in enumerate(self.rows[b].feeds)]
         prompt, prompt_inputs = self._prompt_queries()
         if not deep and not prompt and len(feeds) == batch and len(shallow) == batch:  # the plain step
             feed = torch.tensor([token for _, _, token in feeds], device=device)
             positions = torch.tensor([[row.next_pos] for row in self.rows], device=device)
             real = torch.ones(batch, 1, dtype=torch.bool, device=device)
-            logits, hidden = self.model.run_pass(self.embed(feed)[:, None], positions, real, 0, self.cache, need_hidden)
-            return _Forward(logits, hidden, positions, 0, 0)
-        # Columns: the deep queries, the depth-0 tokens, then the prompt's deferred queries, whose
-        # logits nobody reads: the LM head skips them (at context 2048, ~200 of them).
+            return Queries(self.embed(feed)[:, None], positions, 0, real), 0, 0, None
         col_deep, col_shallow = 0, int(bool(deep))
         col_prompt = col_shallow + max((j + 1 for _, j, _ in feeds), default=0)
         width = col_prompt + max((k + 1 for _, k, _ in prompt), default=0)
@@ -282,31 +308,31 @@ class Decoder:
         parts = []  # (rows, columns, (N, H) inputs)
         if deep:
             acc = self.deep_acc if len(deep) == batch else self.deep_acc[torch.tensor(deep, device=device)]
-            parts.append((deep, [col_deep] * len(deep),
-                          soft_embedding(acc, self.embed.weight, self.model.tah_config.input_topk)))
+            parts.append((deep, [col_deep] * len(deep), self.model.soft_input(acc)))
         if feeds:
             tokens = torch.tensor([token for _, _, token in feeds], device=device)
             parts.append(([b for b, _, _ in feeds], [col_shallow + j for _, j, _ in feeds], self.embed(tokens)))
         if prompt:
             parts.append(([b for b, _, _ in prompt], [col_prompt + k for _, k, _ in prompt], prompt_inputs))
-        if sum(len(rows) for rows, _, _ in parts) == batch * width:  # every slot of the step is a query
-            inputs = torch.cat([x.view(batch, -1, x.shape[-1]) for _, _, x in parts], dim=1)
-        else:
-            inputs = parts[0][2].new_zeros(batch, width, parts[0][2].shape[-1])
-            for rows, cols, x in parts:
-                inputs[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = x
         depths = {self.rows[b].deep_depth for b in deep} | ({0} if feeds else set()) | ({1} if prompt else set())
-        # Draft candidates are rivals, which the cache looks for in mixed-depth passes only: they
-        # always run beside their hard token's deeper pass.
         depth = depths.pop() if len(depths) == 1 else torch.tensor(depth_tags, device=device)
-        positions = torch.tensor(pos_tags, device=device)
-        real = torch.tensor(real_tags, dtype=torch.bool, device=device)
-        if not prompt:
-            logits, hidden = self.model.run_pass(inputs, positions, real, depth, self.cache, need_hidden)
-            return _Forward(logits, hidden, positions, col_deep, col_shallow)
-        need = (torch.arange(width, device=device) < col_prompt).expand(batch, -1)
-        logits, hidden = self.model.run_pass(inputs, positions, real, depth, self.cache, need_hidden, need=need)
-        return _Forward(logits.view(batch, col_prompt, -1), hidden, positions, col_deep, col_shallow, True)
+        queries = Queries(_grid(parts, batch, width), torch.tensor(pos_tags, device=device), depth,
+                          torch.tensor(real_tags, dtype=torch.bool, device=device),
+                          self._branches(shallow, col_shallow, width))
+        return queries, col_deep, col_shallow, col_prompt if prompt else None
+
+    def _branches(self, shallow: list[int], col_shallow: int, width: int) -> list[list[int]] | None:
+        """The step's branch ids (B, width) when a row runs several draft candidates: candidate j on
+        branch j + 1, so that none sees another's KV entry and each computes what it would alone
+        (the cache's `begin_pass`); None when no row does."""
+        several = [b for b in shallow if len(self.rows[b].feeds) > 1]  # only draft candidates come several
+        if not several:
+            return None
+        branches = [[0] * width for _ in self.rows]
+        for b in several:
+            for j in range(len(self.rows[b].feeds)):
+                branches[b][col_shallow + j] = j + 1
+        return branches
 
     def _prompt_queries(self) -> tuple[list[tuple[int, int, int]], torch.Tensor | None]:
         """The deferred prompt queries of rows still decoding, (row, column, position) and their
@@ -332,8 +358,7 @@ class Decoder:
                            for h in step.hidden)
         same = all(d == depths[0] for d in depths)  # an int depth spares the decider a tensor
         depth = depths[0] if same else torch.tensor(depths, device=device)[:, None]
-        go_on, _ = self.model.decider(acc[:, None], picked, pos, depth)
-        return go_on[:, 0]
+        return self.model.decide(acc[:, None], picked, pos, depth)[:, 0]
 
     def _shallow_results(self, shallow: list[int], step: _Forward) -> list[list[tuple[bool, tuple[int, ...]]]]:
         """Per shallow row, per depth-0 token it ran: (hard?, picks), synced to Python; picks: the
@@ -536,6 +561,17 @@ def output(input_ids: torch.Tensor, tokens: list[list[int]], passes: list[list[i
         counts[b, :len(row_passes)] = torch.tensor(row_passes, dtype=torch.long)
     sequences = torch.cat([input_ids, new.to(input_ids.device)], dim=1)
     return GenerationOutput(sequences, counts.to(input_ids.device), None, stats=stats)
+
+
+def _grid(parts: list[tuple[list[int], list[int], torch.Tensor]], batch: int, width: int) -> torch.Tensor:
+    """The (batch, width, H) inputs of a step from its parts: (rows, columns, (N, H) inputs) each;
+    zeros where no part puts one (padding)."""
+    if sum(len(rows) for rows, _, _ in parts) == batch * width:  # every slot of the step is a query
+        return torch.cat([x.view(batch, -1, x.shape[-1]) for _, _, x in parts], dim=1)
+    inputs = parts[0][2].new_zeros(batch, width, parts[0][2].shape[-1])
+    for rows, cols, x in parts:
+        inputs[torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device)] = x
+    return inputs
 
 
 def _rows_of(values: torch.Tensor, at: list[int]) -> torch.Tensor:

@@ -32,8 +32,8 @@ from tah.generation.reference import GenerationOutput
 from tah.generation.sampling import greedy_tokens
 from tah.model.cache import TaHCache
 from tah.model.decider import ConstantDecider, RandomDecider
-from tah.model.soft_input import soft_embedding
 from tah.model.static_cache import StaticTaHCache
+from tah.model.step import Queries
 
 SLOT_ROUNDING = 256  # capacities are rounded up to a multiple of this, so runners are reused across calls
 KEPT_RUNNERS = 4  # static runners (buffers + graphs) kept per model, least recently used dropped
@@ -66,7 +66,7 @@ class StaticRunner:
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         self.model, self.graphs = model, graphs
-        self.embed = model.lm.get_input_embeddings()
+        self.embed = model.embed
         self.decides = _decides(model)
         self.need_hidden = self.decides and bool(model.decider.needs_hidden)
         self.cache = StaticTaHCache(text.num_hidden_layers, batch, text.num_key_value_heads, head_dim, capacity,
@@ -163,20 +163,19 @@ class StaticRunner:
     def _plain(self) -> None:
         """Depth 0 of every active row's next token."""
         positions = self.position[:, None]
-        logits, hidden = self.model.run_pass(self.embed(self.token)[:, None], positions, self.active[:, None], 0,
-                                             self.cache, self.need_hidden)
+        queries = Queries(self.embed(self.token)[:, None], positions, 0, self.active[:, None])
+        logits, hidden = self.model.run_pass(queries, self.cache, self.need_hidden)
         self.out[:, 0].fill_(NONE)
         self._after_depth0(logits[:, 0], hidden, 0, self.active)
 
     def _fused(self) -> None:
         """Depth 1 of each pending hard token beside depth 0 of the row's next token (its draft)."""
         deep = self.pending & self.active
-        table = self.embed.weight
-        soft = soft_embedding(self.hard_acc, table, self.model.tah_config.input_topk).to(table.dtype)
-        inputs = torch.stack([soft, self.embed(self.token)], 1)
+        inputs = torch.stack([self.model.soft_input(self.hard_acc), self.embed(self.token)], 1)
         positions = torch.stack([self.hard_pos, self.position], 1)
         real = torch.stack([deep, self.active], 1)
-        logits, hidden = self.model.run_pass(inputs, positions, real, self.fused_depth, self.cache, self.need_hidden)
+        queries = Queries(inputs, positions, self.fused_depth, real)
+        logits, hidden = self.model.run_pass(queries, self.cache, self.need_hidden)
         final = self.hard_acc + logits[:, 0]
         final_token = greedy_tokens(final)
         rejected = deep & (final_token != self.token)  # the draft was not the hard token's final pick
@@ -208,8 +207,7 @@ class StaticRunner:
         if isinstance(decider, RandomDecider):  # its hash, not its lookup table (which reads sizes on the host)
             return decider.draw(positions, torch.zeros_like(positions))[:, 0]  # (a tensor depth: no host copy)
         states = None if hidden is None else tuple(h if h is None else h[:, column:column + 1] for h in hidden)
-        go_on, _ = decider(logits[:, None], states, positions, 0)
-        return go_on[:, 0]
+        return self.model.decide(logits[:, None], states, positions, 0)[:, 0]
 
 
 def _settings_key(model) -> tuple:

@@ -24,7 +24,8 @@ import torch
 
 from tah.model.attention import additive_mask, duo_causal_visible
 
-FEW_QUERIES = 64  # passes of at most this many (B x A) queries find rival drafts in Python
+Branches = torch.Tensor | list[list[int]]  # (B, A) branch ids of a pass's queries (see TaHCache.begin_pass)
+FEW_QUERIES = 64  # passes of at most this many (B x A) queries separate their branches in Python
 
 
 class TaHCache:
@@ -67,18 +68,23 @@ class TaHCache:
         return (before[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
 
     def begin_pass(self, positions: torch.Tensor, depth: int | torch.Tensor, real: torch.Tensor,
-                   dtype: torch.dtype) -> torch.Tensor | None:
+                   dtype: torch.dtype, branches: Branches | None = None) -> torch.Tensor | None:
         """Reserve slots for a pass of (B, A) queries; returns its (B, 1, A, S) additive mask, or None
         when HF's unmasked path computes the same attention: depth 0 from an empty cache without
         padding (`is_causal`), or one depth-0 query per row over a cache of valid depth-0 entries
         only (it sees every entry: the plain decode step).
 
         positions (B, A); depth int or (B, A); real (B, A) bool, False for padding queries.
+        branches: None, or each query's branch id (B, A), a tensor or nested lists (a decode step's,
+        read without tensor ops). Two queries on different branches > 0 are alternatives: neither
+        sees the entry the other writes in this pass, so each computes what it would alone; branch
+        0 sees and is seen as the duo-causal rule says. The cache keeps no branch ids: a caller
+        invalidates all alternatives but one before a later pass could see them.
         """
         batch, width = positions.shape
         self._ensure_rows(batch, positions.device, dtype)
         if self.deep_capacity is not None:
-            return self._begin_split_pass(positions, depth, real, dtype)
+            return self._begin_split_pass(positions, depth, real, dtype, branches)
         fill = self.fill
         all_real = bool(real.all())
         # One contiguous block of slots when every row is filled alike and the pass has no padding.
@@ -117,23 +123,24 @@ class TaHCache:
         elif isinstance(depth, torch.Tensor):
             self.seen = self.seen + (real & (depth == 0)).sum(1)
         self._plain = self._plain and depth0 and self._start is not None
-        if depth0 and self._start == 0 or self._plain and width == 1:
+        if branches is None and (depth0 and self._start == 0 or self._plain and width == 1):
             return None  # HF's fast path: causal from an empty cache, or one query that sees all
-        return self._mask(positions, depth, dtype)
+        return self._mask(positions, depth, dtype, branches)
 
-    def _mask(self, positions: torch.Tensor, depth: int | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _mask(self, positions: torch.Tensor, depth: int | torch.Tensor, dtype: torch.dtype,
+              branches: Branches | None) -> torch.Tensor:
         """The (B, 1, A, S) additive mask of this pass's queries over the first S slots."""
         S, width = self._length, positions.shape[1]
         if isinstance(depth, int) and depth == 0 and width == 1:  # sees every valid depth-0 entry: all precede it
             bias = self.shallow_bias[:, None, None, :S]
             return bias.clone() if torch.is_grad_enabled() else bias  # autograd saves the mask
         visible = duo_causal_visible(positions, depth, self.pos[:, :S], self.depth[:, :S], self.valid[:, :S])
-        if isinstance(depth, torch.Tensor) and width > 1:  # a pass at one depth has one query per position
-            visible = self._hide_rivals(visible, positions, depth)
+        if branches is not None and width > 1:
+            visible = self._separate_branches(visible, branches)
         return additive_mask(visible, dtype)
 
     def _begin_split_pass(self, positions: torch.Tensor, depth: int | torch.Tensor, real: torch.Tensor,
-                          dtype: torch.dtype) -> torch.Tensor | None:
+                          dtype: torch.dtype, branches: Branches | None) -> torch.Tensor | None:
         """begin_pass of a split cache: depth-0 queries take slots in region 0, deeper ones in region 1,
         each region filled left to right (real tokens first, then padding, as in one run)."""
         if torch.is_grad_enabled():
@@ -160,9 +167,9 @@ class TaHCache:
         self.seen = _plus(self.seen, count0)  # real depth-0 tokens
         # Depth-0 queries read region 0 only; deeper ones need region 1 too.
         self._length = self.capacity + end1 if deep else end0
-        if shallow and self._start is not None and (self._start == 0 or width == 1):
+        if branches is None and shallow and self._start is not None and (self._start == 0 or width == 1):
             return None  # region 0 holds valid depth-0 entries only: causal from empty, or one query that sees all
-        return self._mask(positions, depth, dtype)
+        return self._mask(positions, depth, dtype, branches)
 
     def _place_split(self, positions: torch.Tensor, depth: int | torch.Tensor, real: torch.Tensor,
                      in_region0: torch.Tensor | None, shallow: bool | None, all_real: bool) -> None:
@@ -215,28 +222,23 @@ class TaHCache:
                 blocks.append((columns[0], len(columns), first_slot))
         return blocks
 
-    def _hide_rivals(self, visible: torch.Tensor, positions: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
-        """Rivals are two queries of one pass at the same (position, depth): the draft candidates
-        for one token in a fused decode step, which always holds a deeper query too, so its depth
-        is a tensor (passes at one depth, as in prefill and training, take one position per real
-        token). Neither rival may see the other's entry, so each computes exactly what it would
-        alone; elsewhere every (token, depth) has one entry and this changes nothing. visible
-        (B, A, S) -> the same with rivals' entries hidden."""
-        width = positions.shape[1]
-        # Padding needs no care: padding entries are invalid, padding queries' outputs unread.
-        if positions.numel() <= FEW_QUERIES:  # a decode step: found in Python, hidden in one op
-            return self._hide_few_rivals(visible, positions.tolist(), depth.tolist())
-        rival = (positions[:, :, None] == positions[:, None, :]) & (depth[:, :, None] == depth[:, None, :])
-        rival.diagonal(dim1=1, dim2=2).fill_(False)
+    def _separate_branches(self, visible: torch.Tensor, branches: Branches) -> torch.Tensor:
+        """visible (B, A, S) with each query's view of the entries this pass writes on other branches
+        (> 0, see begin_pass) hidden. Padding needs no care: its entries are invalid, its outputs unread."""
+        if isinstance(branches, torch.Tensor) and branches.numel() <= FEW_QUERIES:
+            branches = branches.tolist()  # a decode step: pairs found in Python, hidden in one op
+        if isinstance(branches, list):
+            return self._separate_few_branches(visible, branches)
+        width = branches.shape[1]
+        on_branch = branches > 0
+        apart = (branches[:, :, None] != branches[:, None, :]) & on_branch[:, :, None] & on_branch[:, None, :]
         index = self.last_slots[:, None, :].expand(-1, width, -1)  # (B, A, A): the slot of key query j
-        return visible.scatter(2, index, visible.gather(2, index) & ~rival)
+        return visible.scatter(2, index, visible.gather(2, index) & ~apart)
 
-    def _hide_few_rivals(self, visible: torch.Tensor, positions: list[list[int]],
-                         depth: list[list[int]]) -> torch.Tensor:
-        """_hide_rivals for the few queries of a decode step (tags as lists): a dozen tensor ops fewer."""
-        tags = [list(zip(p, d, strict=True)) for p, d in zip(positions, depth, strict=True)]
-        pairs = [(b, i, j) for b, row in enumerate(tags) for i, tag in enumerate(row) for j, other in enumerate(row)
-                 if i != j and tag == other]
+    def _separate_few_branches(self, visible: torch.Tensor, branches: list[list[int]]) -> torch.Tensor:
+        """_separate_branches for the few queries of a decode step (ids as lists): a dozen tensor ops fewer."""
+        pairs = [(b, i, j) for b, row in enumerate(branches) for i, mine in enumerate(row) for j, other in enumerate(row)
+                 if mine > 0 and other > 0 and mine != other]
         if not pairs:
             return visible
         slots = self._slot_lists()
@@ -376,9 +378,9 @@ class TaHCache:
         return self._slots
 
     def invalidate(self, rows: torch.Tensor | list[int], slots: torch.Tensor | list[int]) -> None:
-        """Drop entries (rolled-back drafts): nobody sees them again, and the row's later entries
-        move down over them, so a row keeps exactly one slot per (token, depth it reached). rows,
-        slots: (N,) tensors or lists (a decoder's, which then makes no tensors in the common case)."""
+        """Remove entries: nobody sees them again, and the row's later entries move down over them,
+        so a row stays one dense run of slots (per region). rows, slots: (N,) tensors or lists (a
+        decoder's, which then makes no tensors in the common case)."""
         self._plain = False
         if self._drop_tail(*(x if isinstance(x, list) else x.tolist() for x in (rows, slots))):
             return
@@ -392,11 +394,10 @@ class TaHCache:
             self._close_gaps(b, first)
 
     def _drop_tail(self, rows: list[int], slots: list[int]) -> bool:
-        """The commonest rollbacks, done with a handful of ops: entries among one row's last ones in
-        region 0 of a split cache (a fused step's rejected candidates). Region 0 holds only valid
-        depth-0 entries below its fill, so the survivors among those last entries (a kept runner-up)
-        move down over the dropped ones, and lowering the fill drops the rest: no tags to read.
-        Returns False (nothing done) for any other case."""
+        """The commonest removals, done with a handful of ops: entries among one row's last ones in
+        region 0 of a split cache. Region 0 holds only valid depth-0 entries below its fill, so the
+        survivors among those last entries move down over the removed ones, and lowering the fill
+        drops the rest: no tags to read. Returns False (nothing done) for any other case."""
         if self.deep_capacity is None or any(b != rows[0] for b in rows):
             return False
         b, first, end = rows[0], min(slots), int(self.fill[rows[0]])

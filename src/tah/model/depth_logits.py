@@ -26,7 +26,7 @@ import torch
 from tah.model.packing import PassTokens
 from tah.model.rows_grad import DepthZeroLogits, GatherRows, RowsGradient
 from tah.model.shared_head import SharedHead
-from tah.model.soft_input import soft_embedding, soft_embedding_of_top
+from tah.model.soft_input import soft_embedding_of_top
 
 if TYPE_CHECKING:
     from tah.model.tah_model import ForwardCall, TaHForCausalLM
@@ -60,8 +60,7 @@ class EveryTokenLogits:
     def run(self, tokens, last, go_on):
         head_rows = None if tokens.packing.full else tokens.real  # deeper tokens, all real: (N, V) at once
         with self.call.frozen():
-            logits, hidden = self.model.run_pass(tokens.inputs, tokens.positions, tokens.real, tokens.depth,
-                                                 self.call.cache, need_hidden=not last, need=head_rows)
+            logits, hidden = self.model.run_pass(tokens, self.call.cache, need_hidden=not last, need=head_rows)
             if self.logits is None:  # depth 0 over every token: its logits are the sums so far
                 self.rows = tokens.packing.unpack(logits)
                 # 2-D, so that the loss reads it without a view (rows_grad.py)
@@ -84,8 +83,7 @@ class EveryTokenLogits:
         else:
             self.carry = self.rows[go_on_flat]
         with self.call.frozen():
-            return soft_embedding(self.carry, self.model.lm.get_input_embeddings().weight,
-                                  self.model.tah_config.input_topk)
+            return self.model.soft_input(self.carry)
 
 
 class TailLogits:
@@ -108,8 +106,7 @@ class TailLogits:
             need = in_tail if go_on is None else in_tail | packing.unpack(go_on)
         head_rows = packing.pack(need) if need is not None else None if packing.full else tokens.real
         with call.frozen():
-            logits, hidden = self.model.run_pass(tokens.inputs, tokens.positions, tokens.real, tokens.depth,
-                                                 call.cache, need_hidden=not last, need=head_rows)
+            logits, hidden = self.model.run_pass(tokens, call.cache, need_hidden=not last, need=head_rows)
             rows = packing.unpack(logits) if head_rows is None else logits
             if self.carry is not None:
                 rows_sums = None if last else (self.carry if need is None else self.carry[need]) + rows
@@ -133,8 +130,7 @@ class TailLogits:
     def soft_input(self, go_on_flat, index):
         self.carry = self.rows[go_on_flat if self.need is None else go_on_flat[self.need]]
         with self.call.frozen():
-            return soft_embedding(self.carry, self.model.lm.get_input_embeddings().weight,
-                                  self.model.tah_config.input_topk)
+            return self.model.soft_input(self.carry)
 
 
 class SharedHeadLogits:
@@ -147,15 +143,15 @@ class SharedHeadLogits:
     def run(self, tokens, last, go_on):
         head_rows = None if tokens.packing.full else tokens.real
         # the pass returns final hidden states; the shared head makes their logits
-        final, hidden = self.model.run_pass(tokens.inputs, tokens.positions, tokens.real, tokens.depth,
-                                            self.call.cache, need_hidden=not last, need=head_rows, head=_unchanged)
+        final, hidden = self.model.run_pass(tokens, self.call.cache, need_hidden=not last, need=head_rows,
+                                            head=_unchanged)
         self.logits = self.shared.depth_zero(final) if self.logits is None else \
             self.shared.add_deep(self.logits, final)
         return self.logits, hidden
 
     def soft_input(self, go_on_flat, index):
         top = self.shared.top_k(self.logits, index, self.model.tah_config.input_topk)
-        return soft_embedding_of_top(*top, self.model.lm.get_input_embeddings().weight)
+        return soft_embedding_of_top(*top, self.model.embed.weight)
 
 
 def _unchanged(states: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tah.model.step import Queries
+
 
 @dataclass
 class Packing:
@@ -57,17 +59,14 @@ class Packing:
         return dest.index_put((self.rows, self.cols), flat)
 
 
-@dataclass
-class PassTokens:
-    """The tokens of one pass, packed into a (B, A) block: which tokens (packing), at which depth,
-    their inputs (B, A, H), positions (B, A), real (B, A) bool (False: padding of the block or of
-    the input) and oracle pass counts (B, A) (-100 where none; None without iter_labels)."""
+@dataclass(kw_only=True)
+class PassTokens(Queries):
+    """The queries of one pass of a forward: the tokens that reached its depth (an int), packed
+    into a (B, A) block (`packing`: which tokens), with their inputs (B, A, H), positions (B, A),
+    real (B, A) bool (False: padding of the block or of the input) and oracle pass counts (B, A)
+    (-100 where none; None without iter_labels)."""
 
     packing: Packing
-    depth: int
-    inputs: torch.Tensor
-    positions: torch.Tensor
-    real: torch.Tensor
     labels: torch.Tensor | None
 
     @classmethod
@@ -78,7 +77,7 @@ class PassTokens:
         real = packing.pack(packing.gather(valid), fill=False)
         packed_positions = packing.pack(packing.gather(positions))
         labels = None if iter_labels is None else packing.pack(packing.gather(iter_labels), fill=-100)
-        return cls(packing, depth, inputs, packed_positions, real, labels)
+        return cls(inputs, packed_positions, depth, real, packing=packing, labels=labels)
 
     def count_pass(self, iter_count: torch.Tensor) -> torch.Tensor:
         """(B, T) pass counts with one more for each of these tokens."""

@@ -54,10 +54,13 @@ class StaticTaHCache:
 
     # -- a pass --------------------------------------------------------------------------------
     def begin_pass(self, positions: torch.Tensor, depth: int | torch.Tensor, real: torch.Tensor,
-                   dtype: torch.dtype) -> torch.Tensor:
+                   dtype: torch.dtype, branches: None = None) -> torch.Tensor:
         """Reserve slots for a pass of (B, A) queries (real ones take the row's next slots, in column
         order; padding ones the trash slot), tag them, and return the (B, 1, A, capacity + 1)
-        additive duo-causal mask. positions (B, A); depth int or (B, A); real (B, A) bool."""
+        additive duo-causal mask. positions (B, A); depth int or (B, A); real (B, A) bool. No
+        branches (`TaHCache.begin_pass`): a pass here holds no alternatives."""
+        if branches is not None:
+            raise ValueError("StaticTaHCache takes no branches: run alternatives through a TaHCache")
         depth = torch.full_like(positions, depth) if isinstance(depth, int) else depth
         slots = torch.where(real, self.fill[:, None] + real.long().cumsum(1) - 1, self.capacity)
         self._slots = slots
@@ -78,8 +81,8 @@ class StaticTaHCache:
         return self.keys[layer_idx], self.values[layer_idx]
 
     def drop_last(self, rows: torch.Tensor) -> None:
-        """Drop the last entry of each row where `rows` (B,) bool is set (a rejected draft, which is
-        always its row's last entry): invalid from now on, its slot the next to be written."""
+        """Remove the last entry of each row where `rows` (B,) bool is set: invalid from now on, its
+        slot the next to be written."""
         last = (self.fill - 1).clamp(min=0)[:, None]
         self.valid.scatter_(1, last, self.valid.gather(1, last) & ~rows[:, None])
         self.fill.sub_(rows.long())

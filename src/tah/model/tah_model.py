@@ -7,8 +7,10 @@ One code path serves training, prefill and decoding:
         -> soft input from their accumulated logits -> depth-1 pass (those tokens only, adapter 1)
         -> accumulated logits += depth-1 logits -> decider ... until max_iter or nobody continues
 
-`forward` is that loop; each step is a method below with its contract. Where the LM head runs and how
-the logits add up (every token, the kept tail only, a head shared by two passes) is a plan from
+`forward` is that loop, a `depth_step` per depth (a decoder may run them itself: `begin_forward`);
+each step is a method below with its contract. A pass itself (its queries, their inputs, the
+decisions after it) is step.py's, shared with the decoders. Where the LM head runs and how the
+logits add up (every token, the kept tail only, a head shared by two passes) is a plan from
 depth_logits.py, chosen once per call: speed only, the same numbers. The method written plainly,
 slow and cache-free, is `tah.model.reference`; the tests hold every fast path against it.
 """
@@ -16,13 +18,12 @@ slow and cache-free, is `tah.model.reference`; the tests hold every fast path ag
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import ModelOutput, output_capturing
+from transformers.utils import ModelOutput
 
 import tah.model.few_rows as few_rows
 from tah.config import TaHConfig
@@ -35,14 +36,7 @@ from tah.model.lora import DepthLoRALinear, DepthState, add_depth_lora
 from tah.model.packing import Packing, PassTokens
 from tah.model.sdpa import use_tah_sdpa
 from tah.model.shared_head import SharedHead
-
-# transformers 5.24 renamed `past_key_values` to `cache` (model arguments and output fields); the
-# older name is deprecated there. The wrapped model is called with whichever its version uses.
-HF_CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-# From transformers 5.23 `output_hidden_states=[indices]` keeps the usual numbering (0 = embeddings) and
-# captures only those. Before, a list counted decoder layers and never held the embeddings; there we ask
-# for all hidden states: the same tuple, fixed per process (no per-call probing, nothing data-dependent).
-HF_SELECTS_HIDDEN = hasattr(output_capturing, "resolve_hidden_states_indices")
+from tah.model.step import TaggedPasses
 
 
 @dataclass
@@ -57,8 +51,6 @@ class TaHOutput(ModelOutput):
     cache: TaHCache | None = None
     decider_logits: torch.Tensor | None = None  # stage 2: (N,) decider scores of the labelled tokens
     decider_targets: torch.Tensor | None = None  # stage 2: (N,) 1.0 where the oracle says continue
-    # defer_deep: the depth-1 pass not run, as (inputs (B, A, H), positions (B, A), real (B, A) bool)
-    deferred: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def past_key_values(self) -> TaHCache | None:
@@ -75,6 +67,8 @@ class ForwardCall:
     valid: torch.Tensor  # (B, T) bool, False = padding
     positions: torch.Tensor  # (B, T) position ids
     iter_labels: torch.Tensor | None  # (B, T) oracle pass counts, -100 = none
+    labels: torch.Tensor | None  # (B, T) next-token labels (unshifted), -100 = none
+    num_items_in_batch: int | torch.Tensor | None  # HF Trainer's count of labelled tokens
     cache: TaHCache
     max_iter: int
     keep: int  # logits returned: those of the last `keep` columns (logits_to_keep), else T
@@ -86,28 +80,20 @@ class ForwardCall:
         return torch.no_grad() if self.stage2 else nullcontext()
 
 
-class _HeadLinear(torch.autograd.Function):
-    """F.linear for our LM head on (N, H) rows, whose weight gradient comes back as a tensor of its
-    own rather than F.linear's transposed view: the first gradient to reach a (tied) head weight
-    then takes the others in place, instead of one more (V, H) tensor for the sum."""
+@dataclass
+class DepthLoop:
+    """A forward under way (`begin_forward`, then `depth_step` while `tokens`, then `end_forward`):
+    what it was asked, where its logits go, the tokens of its next pass (None once nobody
+    continues), the passes each token has run so far (B, T), and stage 2's decider terms."""
 
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(hidden, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(hidden, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        hidden, weight = ctx.saved_tensors
-        # under autocast the logits, so grad, are bf16 while hidden and weight are float32
-        grad_hidden = (grad @ weight.to(grad.dtype)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = (grad.t() @ hidden.to(grad.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None  # (V, H)
-        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight, grad_bias
+    call: ForwardCall
+    plan: LogitsPlan
+    tokens: PassTokens | None
+    iter_count: torch.Tensor
+    decider_terms: list = field(default_factory=list)
 
 
-class TaHForCausalLM(nn.Module):
+class TaHForCausalLM(TaggedPasses, nn.Module):
     """A Think-at-Hard model wrapping a loaded HF decoder-only causal LM (`self.lm`)."""
 
     def __init__(self, lm: nn.Module, config: TaHConfig) -> None:
@@ -204,7 +190,7 @@ class TaHForCausalLM(nn.Module):
                 labels: torch.Tensor | None = None, iter_labels: torch.Tensor | None = None,
                 past_key_values: TaHCache | None = None, use_cache: bool = False, logits_to_keep: int = 0,
                 num_items_in_batch: int | torch.Tensor | None = None, cache: TaHCache | None = None,
-                defer_deep: bool = False, **_: object) -> TaHOutput:
+                **_: object) -> TaHOutput:
         """input_ids (B, T); attention_mask (B, past + T) or (B, T), 1 = real token, any padding side;
         labels (B, T), shifted inside as in HF; iter_labels (B, T) oracle pass counts (-100 = none):
         when given they, not the decider, choose who iterates. logits_to_keep = n > 0 returns the
@@ -214,45 +200,58 @@ class TaHForCausalLM(nn.Module):
         gradient accumulation and several processes weigh every token alike. The cache may come as
         `cache` (transformers' name from 5.24 on) or `past_key_values`.
 
-        defer_deep (max_iter 2, inference): run depth 0 and decide, but return the depth-1 pass as
-        `deferred` (its packed inputs, positions and real mask) instead of running it, for a decoder
-        that runs it in the same forward as its first step (saving a pass over the weights). The
-        logits are then depth 0's and iter_count counts depth 0 only; the cache lacks the deferred
-        entries until the caller runs them."""
+        The loop of depths, which a caller may also run a depth at a time (`begin_forward`)."""
+        loop = self.begin_forward(input_ids, attention_mask, labels, iter_labels, past_key_values, logits_to_keep,
+                                  num_items_in_batch, cache)
+        while loop.tokens is not None:  # depth 0 (every token), then the tokens that continue
+            self.depth_step(loop)
+        return self.end_forward(loop, use_cache)
+
+    def begin_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      labels: torch.Tensor | None = None, iter_labels: torch.Tensor | None = None,
+                      past_key_values: TaHCache | None = None, logits_to_keep: int = 0,
+                      num_items_in_batch: int | torch.Tensor | None = None,
+                      cache: TaHCache | None = None) -> DepthLoop:
+        """`forward`'s arguments checked (InputError names a bad one), its plan chosen, its depth-0
+        tokens ready: every token, its embedding as input. A decoder that runs a forward's last
+        pass within its own first step stops `depth_step` before it; `end_forward` then returns
+        the logits and pass counts so far."""
         call = self._forward_call(input_ids, attention_mask, labels, iter_labels, past_key_values, cache,
-                                  logits_to_keep, defer_deep)
+                                  logits_to_keep, num_items_in_batch)
         plan = self._logits_plan(call)  # where the LM head runs and how logits add up: speed, not results
-        tokens = self._every_token(input_ids, call)  # depth 0: every token, its embedding as input
-        iter_count = torch.ones_like(input_ids)
-        decider_terms = []
-        for depth in range(1 if defer_deep else call.max_iter):  # defer_deep: the caller runs depth 1
-            last = depth == call.max_iter - 1
-            go_on = self._decide(tokens) if call.early and not last else None  # oracle labels, random decider
-            sums, hidden = plan.run(tokens, last, go_on)  # the pass at this depth; its logits added to the sums
-            if depth > 0:
-                iter_count = tokens.count_pass(iter_count)
-            if last:
-                break
-            if call.stage2:  # the decider's training signal at this depth
-                decider_terms.append(self._decider_term(tokens, sums, hidden, call))
-            if go_on is None:
-                go_on = self._decide(tokens, sums, hidden)
-            go_on_flat = tokens.packing.unpack(go_on)
-            if not bool(go_on_flat.any()):  # (a host sync, once a depth)
-                break
-            tokens = self._continuing(tokens, go_on_flat, plan, call)  # the hard tokens, with soft inputs
-        deferred = (tokens.inputs, tokens.positions, tokens.real) if defer_deep and tokens.depth == 1 else None
-        loss, scores, targets = self._loss(call, plan.logits, labels, num_items_in_batch, decider_terms)
-        return TaHOutput(loss=loss, logits=plan.logits.view(call.batch, call.keep, -1), iter_count=iter_count,
-                         cache=call.cache if use_cache else None, decider_logits=scores,
-                         decider_targets=targets, deferred=deferred)
+        return DepthLoop(call, plan, self._every_token(input_ids, call), torch.ones_like(input_ids))
+
+    def depth_step(self, loop: DepthLoop) -> None:
+        """Run the pass of loop.tokens (the tokens at one depth), add its logits to their sums and
+        decide who continues: loop.tokens becomes those, each with the soft input of its sums, or
+        None after the last depth or when nobody does."""
+        tokens, call, plan = loop.tokens, loop.call, loop.plan
+        last = tokens.depth == call.max_iter - 1
+        go_on = self._decide(tokens) if call.early and not last else None  # oracle labels, random decider
+        sums, hidden = plan.run(tokens, last, go_on)  # the pass at this depth; its logits added to the sums
+        if tokens.depth > 0:
+            loop.iter_count = tokens.count_pass(loop.iter_count)
+        loop.tokens = None
+        if last:
+            return
+        if call.stage2:  # the decider's training signal at this depth
+            loop.decider_terms.append(self._decider_term(tokens, sums, hidden, call))
+        if go_on is None:
+            go_on = self._decide(tokens, sums, hidden)
+        go_on_flat = tokens.packing.unpack(go_on)
+        if bool(go_on_flat.any()):  # (a host sync, once a depth)
+            loop.tokens = self._continuing(tokens, go_on_flat, plan, call)  # the hard tokens, with soft inputs
+
+    def end_forward(self, loop: DepthLoop, use_cache: bool = False) -> TaHOutput:
+        """The output of the passes run: the loss, the logits kept, the pass counts."""
+        call, logits = loop.call, loop.plan.logits
+        loss, scores, targets = self._loss(call, logits, loop.decider_terms)
+        return TaHOutput(loss=loss, logits=logits.view(call.batch, call.keep, -1), iter_count=loop.iter_count,
+                         cache=call.cache if use_cache else None, decider_logits=scores, decider_targets=targets)
 
     def _forward_call(self, input_ids, attention_mask, labels, iter_labels, past_key_values, cache,
-                      logits_to_keep: int, defer_deep: bool) -> ForwardCall:
+                      logits_to_keep: int, num_items_in_batch) -> ForwardCall:
         """Check forward's arguments (InputError names the bad one) and fix what holds for all its passes."""
-        if defer_deep and (self.tah_config.max_iter != 2 or labels is not None or iter_labels is not None):
-            raise InputError("defer_deep is for inference with max_iter 2 (the depth-1 pass is the last one); "
-                             "pass defer_deep=False")
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise InputError("pass the cache once, as `cache` or as `past_key_values`, not two different ones")
         batch, length = input_ids.shape
@@ -266,8 +265,8 @@ class TaHForCausalLM(nn.Module):
         keep = logits_to_keep if 0 < logits_to_keep < length and labels is None and not stage2 else length
         # Deciders that ignore logits decide before each pass; then only needed logits are computed.
         early = iter_labels is not None or not self.decider.reads_logits
-        return ForwardCall(batch, length, valid, positions, iter_labels, cache, self.tah_config.max_iter, keep,
-                           stage2, early)
+        return ForwardCall(batch, length, valid, positions, iter_labels, labels, num_items_in_batch, cache,
+                           self.tah_config.max_iter, keep, stage2, early)
 
     def _logits_plan(self, call: ForwardCall) -> LogitsPlan:
         """The fastest plan (depth_logits.py) that computes what this call returns."""
@@ -282,14 +281,13 @@ class TaHForCausalLM(nn.Module):
         logits) or after it, reading the sums (packing order) and hidden states of the pass."""
         if tokens.labels is not None:
             return (tokens.labels > tokens.depth + 1) & tokens.real
-        go_on, _ = self.decider(None if sums is None else tokens.packing.pack(sums), hidden, tokens.positions,
-                                tokens.depth)
-        return go_on & tokens.real
+        packed = None if sums is None else tokens.packing.pack(sums)
+        return self.decide(packed, hidden, tokens.positions, tokens.depth) & tokens.real
 
     def _every_token(self, input_ids: torch.Tensor, call: ForwardCall) -> PassTokens:
         """The tokens of the depth-0 pass: all of them, in place, their embeddings as inputs."""
         with call.frozen():
-            embeds = self.lm.get_input_embeddings()(input_ids)
+            embeds = self.embed(input_ids)
         packing = Packing.everything(call.batch, call.length, input_ids.device)
         return PassTokens.of(packing, 0, embeds, call.valid, call.positions, call.iter_labels)
 
@@ -314,13 +312,13 @@ class TaHForCausalLM(nn.Module):
         keep = valid & (labels != -100)
         return scores[keep], (labels[keep] > tokens.depth + 1).to(scores.dtype)
 
-    def _loss(self, call: ForwardCall, sums: torch.Tensor, labels: torch.Tensor | None,
-              num_items_in_batch: int | torch.Tensor | None,
+    def _loss(self, call: ForwardCall, sums: torch.Tensor,
               decider_terms: list) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(loss, decider scores, decider targets): stage 2's BCE, else next-token CE of the (B * T, V)
         sums when labels are given."""
         if call.stage2:
             return self._bce_loss(decider_terms, sums)
+        labels, num_items_in_batch = call.labels, call.num_items_in_batch
         if labels is None:
             return None, None, None
         shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
@@ -347,64 +345,6 @@ class TaHForCausalLM(nn.Module):
         """May the accumulated logits be added to in place? Not when the wrapped model's logits went
         through an op that saves its output for backward (tanh soft-capping)."""
         return not getattr(self.lm.config, "final_logit_softcapping", None)
-
-    def run_pass(self, inputs: torch.Tensor, positions: torch.Tensor, real: torch.Tensor,
-                 depth: int | torch.Tensor, cache: TaHCache, need_hidden: bool,
-                 need: torch.Tensor | None = None, head=None) -> tuple[torch.Tensor, tuple | None]:
-        """One forward of the base model over (B, A) queries: inputs (B, A, H) embeddings, positions
-        (B, A), real (B, A) bool (False = padding), depth an int or a (B, A) tensor (queries of one
-        forward may sit at different depths). Returns logits (B, A, V) and HF's hidden_states tuple
-        (only the decider's layers filled) when `need_hidden`. With `need` (B, A) bool, the LM head
-        runs only there and the logits come back as (N_need, V), row-major. `head`, when given, replaces
-        the LM head: it maps the final hidden states ((B, A, H), or their (N_need, H) rows) to what
-        comes back instead of logits."""
-        mask = cache.begin_pass(positions, depth, real, inputs.dtype)
-        wanted = self.decider.needs_hidden if need_hidden else ()
-        wanted = (list(wanted) if HF_SELECTS_HIDDEN else True) if wanted else False
-        # A decode step on CPU runs the LM head itself too, as few_rows chooses (HF's head is F.linear)
-        own_head = head is not None or need is not None or self._few_rows_head(positions)
-        # Our own head takes the decoder's final-norm output: the inner model is called, so HF's
-        # head, and the capture of hidden states (hooks on every layer) when no decider reads them, are skipped.
-        model = self._decoder() if own_head else self.lm
-        extra = {} if own_head else {"logits_to_keep": 0}
-        # real: the linears skip padding queries in decode steps (DepthState.rows); not the LM head,
-        # which reads a 65 MB weight at bench_decode's size whatever its rows, and whose product
-        # at 9-12 rows took longer than at 16 (10.8 vs 7.4 ms, in-loop profile)
-        with self.depth_state.at(depth, inputs.dtype, real):  # depth 0 again after, also after an error
-            out = model(inputs_embeds=inputs, position_ids=positions, attention_mask=mask,
-                        **{HF_CACHE_ARG: cache}, use_cache=True, output_hidden_states=wanted, **extra)
-        if not own_head:
-            return out.logits, out.hidden_states
-        final = out.last_hidden_state
-        return (head or self._lm_head)(final if need is None else final[need]), out.hidden_states
-
-    def _decoder(self) -> nn.Module:
-        """The wrapped model's inner decoder (`get_decoder()`, which tries several attribute names
-        and costs tens of microseconds a call: looked up once per wrapped model)."""
-        kept = self.__dict__.get("_kept_decoder")  # a tuple: not registered as a submodule
-        if kept is None or kept[0] is not self.lm:
-            kept = self.__dict__["_kept_decoder"] = (self.lm, self.lm.get_decoder())
-        return kept[1]
-
-    def _few_rows_head(self, positions: torch.Tensor) -> bool:
-        """Should a pass over these (B, A) queries run the LM head through `few_rows`?"""
-        head = self.lm.get_output_embeddings()
-        return type(head) is nn.Linear and few_rows.handles(positions.numel(), head.weight)
-
-    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, H) final hidden states -> (N, V) logits, as the wrapped model's own head computes them."""
-        head = self.lm.get_output_embeddings()
-        if torch.is_grad_enabled() and type(head) is nn.Linear and head.weight.requires_grad:
-            logits = _HeadLinear.apply(hidden, head.weight, head.bias)
-        else:
-            logits = few_rows.linear(hidden, head.weight, head.bias) if type(head) is nn.Linear else head(hidden)
-        config = self.lm.config
-        if getattr(config, "logit_scale", None) is not None:  # Cohere multiplies its logits
-            logits = logits * config.logit_scale
-        if getattr(config, "logits_scaling", None) is not None:  # Granite divides them
-            logits = logits / config.logits_scaling
-        cap = getattr(config, "final_logit_softcapping", None)
-        return torch.tanh(logits / cap) * cap if cap else logits
 
     def _bce_loss(self, terms, acc) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, scores (N,), targets (N,)) over every labelled token and depth."""
