@@ -22,7 +22,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import output_capturing
 
-from tah.model import few_rows
+import tah.model.few_rows as few_rows
 from tah.model.cache import Branches, TaHCache
 from tah.model.soft_input import soft_embedding
 

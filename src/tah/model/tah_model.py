@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-import tah.model.few_rows as few_rows
 from tah.config import TaHConfig
 from tah.errors import ConfigError, InputError
 from tah.model.attention import check_attn_implementation
