@@ -64,7 +64,7 @@ def run_demo(out: str | Path = "tah-demo", quick: bool = False, seeds: int | Non
     hf_logging.set_verbosity_warning()
     console = console or Console(highlight=False)
     if not console.is_terminal:  # piped or captured: room for the whole table rather than 80 columns
-        console.width = max(console.width, 110)
+        console.width = max(console.width, 140)
     settings = DemoSettings.quick() if quick else DemoSettings()
     out = Path(out)
     started = time.perf_counter()
@@ -236,7 +236,7 @@ def demo_table(results: dict) -> Table:
         for key, _, fmt in MODEL_COLUMNS:
             cell = fmt(row[key])
             deviation = results["std"][row["name"]].get(key) if key != "name" else None
-            if results["seeds"] > 1 and deviation is not None and key != "parameters":
+            if results["seeds"] > 1 and deviation is not None and key not in ("parameters", "flops_per_token"):
                 cell += f" ± {fmt(deviation)}"
             cells.append(cell)
         table.add_row(*cells)
