@@ -27,10 +27,11 @@ from rich.console import Console
 from rich.table import Table
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+import tah.kernels.cpu.few_rows as few_rows
 from tah import TaHConfig, TaHForCausalLM
 from tah.generation import engine, generate
 from tah.generation.generate import MAX_DRAFT_CANDIDATES
-from tah.model import few_rows, lora
+from tah.model import lora
 from tah.model.decider import ConstantDecider, RandomDecider
 
 
@@ -185,7 +186,7 @@ def main() -> None:
                              "those only (tah.model.lora.PACK_REAL_SHARE; 0 = never)")
     parser.add_argument("--few-rows-max", type=int, default=few_rows.MAX_ROWS,
                         help="products over at most this many rows take the layout this machine runs fastest "
-                             "(tah.model.few_rows.MAX_ROWS; 0 = always F.linear, as HF does)")
+                             "(tah.kernels.cpu.few_rows.MAX_ROWS; 0 = always F.linear, as HF does)")
     parser.add_argument("--lockstep-steps", type=int, default=1,
                         help="TaH engines take turns of this many decode steps (see `lockstep`)")
     parser.add_argument("--quick", action="store_true", help="64 new tokens, 1 repeat, batch 1, context 64")

@@ -114,7 +114,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prefault-gib", type=float, default=8.0,
                         help="GiB of heap to touch before the models load (caching malloc only; 0 = none)")
     parser.add_argument("--separate-heads", action="store_true",
-                        help="each pass runs its own LM head (no shared_head.py): for comparisons")
+                        help="each pass runs its own LM head (no kernels/shared_head.py): for comparisons")
     parser.add_argument("--result-file", help=argparse.SUPPRESS)  # a child run writes its figures here
     args = parser.parse_args()
     if args.quick:

@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tah.kernels.choose as choose
 from conftest import tiny_tah
-from tah.model import sdpa
 from tah.model.attention import additive_mask, duo_causal_visible
 from tah.model.reference import reference_forward as dense_reference
 from tah.model.reference import visible as naive_visible
@@ -120,15 +120,15 @@ def test_every_path_matches_the_dense_reference(case):
             logits, iters = run_cached(model, ids, mask, [case["chunk"]])
             assert_matches(logits, iters, ref_logits, ref_iters, mask, f"two chunks split at {case['chunk']}")
 
-        # (e) the CUDA path of masked attention (packed KV groups, sdpa.masked_attention_gpu), run here
-        sdpa.GPU_PATH_ON_CPU = True
+        # (e) the CUDA path of masked attention (packed KV groups, masked_attention_gpu), run here
+        choose.GPU_PATH_ON_CPU = True
         try:
             out = model(ids, attention_mask=mask)
             assert_matches(out.logits, out.iter_count, ref_logits, ref_iters, mask, "full forward, GPU attention")
             logits, iters = run_cached(model, ids, mask, list(range(case["prefill"], case["width"])))
             assert_matches(logits, iters, ref_logits, ref_iters, mask, "prefill + steps, GPU attention")
         finally:
-            sdpa.GPU_PATH_ON_CPU = False
+            choose.GPU_PATH_ON_CPU = False
 
     # (a') the training path: train mode (all dropout is 0), gradients on
     model.train()

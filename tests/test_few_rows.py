@@ -1,4 +1,4 @@
-"""`tah.model.few_rows`: decode-sized products in the layout this machine runs fastest, same results."""
+"""`tah.kernels.cpu.few_rows`: decode-sized products in the layout this machine runs fastest, same results."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import tah.kernels.cpu.few_rows as few_rows
 from conftest import left_padded
 from tah.generation import generate
-from tah.model import few_rows
 from test_generation import strong_model
 
 

@@ -14,9 +14,9 @@ from functools import cache
 import pytest
 import torch
 
+import tah.kernels.choose as choose
 from conftest import randomize_lora, tiny_tah
 from tah.generation import generate, generate_reference
-from tah.model import sdpa
 from tah.model.reference import reference_forward, reference_greedy, reference_loss
 
 ATOL = 1e-9
@@ -74,12 +74,12 @@ def assert_close(logits, iters, ref_logits, ref_iters, mask, what: str) -> None:
 
 @contextmanager
 def gpu_attention(on: bool):
-    """The CUDA path of masked attention (sdpa.masked_attention_gpu), run on CPU."""
-    sdpa.GPU_PATH_ON_CPU = on
+    """The CUDA path of masked attention (kernels/cuda/attention.py's masked_attention_gpu), run on CPU."""
+    choose.GPU_PATH_ON_CPU = on
     try:
         yield
     finally:
-        sdpa.GPU_PATH_ON_CPU = False
+        choose.GPU_PATH_ON_CPU = False
 
 
 DECIDERS = ["oracle", "mlp", "random"]

@@ -8,7 +8,9 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tah import TaHConfig, TaHForCausalLM
-from tah.model.sdpa import NAME, PACKED_QUERIES, packed_mask, tah_sdpa_attention
+from tah.kernels.cpu.attention import PACKED_QUERIES
+from tah.kernels.masks import packed_mask
+from tah.kernels.sdpa import NAME, tah_sdpa_attention
 
 
 class _Layer(torch.nn.Module):
@@ -112,7 +114,7 @@ def test_other_implementations_are_left_alone():
 def test_gpu_masked_path_matches_hf_sdpa_forward_and_backward(queries, groups):
     """The CUDA path (group heads packed as queries, mask cast to the queries' dtype) computes HF's
     sdpa, gradients too; a query that sees nothing (padding) stays finite and passes no NaN back."""
-    from tah.model.sdpa import masked_attention_gpu
+    from tah.kernels.cuda.attention import masked_attention_gpu
 
     gen = torch.Generator().manual_seed(queries * 10 + groups)
     b, kv, s, d = 2, 2, 40, 8

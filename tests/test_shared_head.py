@@ -1,4 +1,4 @@
-"""The two-pass training step's LM head with products shared between depths (tah.model.shared_head):
+"""The two-pass training step's LM head with products shared between depths (tah.kernels.shared_head):
 the same loss and gradients as each pass running its own head, under float32 and bf16 autocast."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import left_padded, tiny_tah
-from tah.model.shared_head import SharedHead
+from tah.kernels.shared_head import SharedHead
 from tah.model.soft_input import soft_embedding, soft_embedding_of_top
 
 

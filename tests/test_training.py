@@ -94,7 +94,7 @@ def test_stage1_gradients_equal_plain_autograd_indexing(monkeypatch, loss_fn, sh
     """Gathering the hard tokens' depth-0 logits through rows_grad (their gradient added in place when
     only autograd holds acc's gradient), or through the shared head (shared_head.py), changes no
     gradient, whatever loss reads the logits."""
-    from tah.model import rows_grad
+    import tah.kernels.rows_grad as rows_grad
 
     ids, mask, labels, iter_labels = batch()
 
@@ -126,7 +126,7 @@ def test_stage1_gradients_equal_plain_autograd_indexing(monkeypatch, loss_fn, sh
 def test_stage1_backward_adds_the_hard_rows_in_place(monkeypatch):
     """With our loss, the rows' gradient goes into acc's gradient in place (no full-size copy);
     when a loss of the user's reads the logits (a view), it is added out of place."""
-    from tah.model import rows_grad
+    import tah.kernels.rows_grad as rows_grad
 
     seen = []
     original = rows_grad._only_autograd_holds

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from tah.errors import ConfigError
-from tah.model.sdpa import NAME as TAH_SDPA
+from tah.kernels.sdpa import NAME as TAH_SDPA
 
 
 def duo_causal_visible(q_pos: torch.Tensor, q_depth: int | torch.Tensor, k_pos: torch.Tensor,
@@ -33,7 +33,7 @@ def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
 
 
-# HF attention implementations that apply a 4D additive mask as given (ours is `sdpa`'s, see sdpa.py).
+# HF attention implementations that apply a 4D additive mask as given (ours is `sdpa`'s, see kernels/sdpa.py).
 # Flash kernels take padding masks only, paged ones their own cache, and flex_attention crashed on
 # CPU with such a mask (torch 2.13).
 TAKES_ADDITIVE_MASK = ("sdpa", "eager", TAH_SDPA)

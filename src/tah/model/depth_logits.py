@@ -11,7 +11,7 @@ they compute and keep, for speed; `TaHForCausalLM.forward` chooses one per call:
   come before each pass (`sparse`), the LM head runs only on the tail tokens and those that
   continue: a prefill for generation makes a few rows of logits, not (B * T, V).
 - `SharedHeadLogits`: a two-pass training step with a plain linear head, whose two head products
-  share their work in backward (shared_head.py).
+  share their work in backward (kernels/shared_head.py).
 
 A plan's contract (`LogitsPlan`): `run` runs the pass of the given tokens and adds its logits;
 `soft_input` gives the soft inputs of the tokens that continue; `logits` holds the sums.
@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from tah.kernels.rows_grad import DepthZeroLogits, GatherRows, RowsGradient
+from tah.kernels.shared_head import SharedHead
 from tah.model.packing import PassTokens
-from tah.model.rows_grad import DepthZeroLogits, GatherRows, RowsGradient
-from tah.model.shared_head import SharedHead
 from tah.model.soft_input import soft_embedding_of_top
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class EveryTokenLogits:
             logits, hidden = self.model.run_pass(tokens, self.call.cache, need_hidden=not last, need=head_rows)
             if self.logits is None:  # depth 0 over every token: its logits are the sums so far
                 self.rows = tokens.packing.unpack(logits)
-                # 2-D, so that the loss reads it without a view (rows_grad.py)
+                # 2-D, so that the loss reads it without a view (kernels/rows_grad.py)
                 self.rows_grad = RowsGradient() if torch.is_grad_enabled() and self.in_place else None
                 self.logits = logits.flatten(0, 1) if self.rows_grad is None else \
                     DepthZeroLogits.apply(logits, self.rows_grad)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-import tah.model.few_rows as few_rows
+import tah.kernels.choose as kernels
 from tah.errors import ConfigError
 
 
@@ -253,7 +253,8 @@ class DepthLoRALinear(nn.Module):
                 return self._base_product(x)
             index = self.adapter_index(depth)
             if index in self._merged:
-                return few_rows.linear(x, self._merged[index], self.base_layer.bias)
+                merged = self._merged[index]
+                return kernels.linear_layouts(merged.device).linear(x, merged, self.base_layer.bias)
         out = self._base_product(x)
         if self.training:  # eval-mode dropout is the identity; skipping its module call saves time
             x = self.dropout(x)
@@ -270,20 +271,22 @@ class DepthLoRALinear(nn.Module):
         return out
 
     def _base_product(self, x: torch.Tensor) -> torch.Tensor:
-        """base_layer(x) without its module call, through `few_rows`. At inference the layout
-        chosen for x's shape is kept here (with the tensors it was made for: a weight replaced by
-        assignment is seen), so a decode step's linear makes no checks or lookups beyond this."""
+        """base_layer(x) without its module call, through the CPU linear layouts (kernels/cpu/few_rows.py).
+        At inference the layout chosen for x's shape is kept here (with the tensors it was made for: a
+        weight replaced by assignment is seen), so a decode step's linear makes no checks or lookups
+        beyond this."""
         params = self._base_params
         weight, bias = params["weight"], params.get("bias")
-        if weight.device.type != "cpu" or self._state.device_only:
-            # few_rows is for CPUs' eager decoding; the module call runs its hooks (ZeRO-3's gathering)
+        if not kernels.on_cpu(weight.device) or self._state.device_only:
+            # the layouts are for CPUs' eager decoding; the module call runs its hooks (ZeRO-3's gathering)
             return self.base_layer(x)
         kept = self._plans.get(x.shape)
         if kept is not None and kept[1] is weight and kept[2] is bias and kept[3] == x.dtype \
                 and not torch.is_grad_enabled():
             return kept[0](x)
-        out = few_rows.linear(x, weight, bias)
-        product = few_rows.plan(x, weight, bias)
+        layouts = kernels.linear_layouts(weight.device)
+        out = layouts.linear(x, weight, bias)
+        product = layouts.plan(x, weight, bias)
         if product is not None:
             self._plans[x.shape] = (product, weight, bias, x.dtype)
         return out

@@ -22,7 +22,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import output_capturing
 
-import tah.model.few_rows as few_rows
+import tah.kernels.choose as kernels
 from tah.model.cache import Branches, TaHCache
 from tah.model.soft_input import soft_embedding
 
@@ -77,8 +77,8 @@ class TaggedPasses:
         mask = cache.begin_pass(positions, depth, real, inputs.dtype, queries.branches)
         wanted = self.decider.needs_hidden if need_hidden else ()
         wanted = (list(wanted) if HF_SELECTS_HIDDEN else True) if wanted else False
-        # A decode step on CPU runs the LM head itself too, as few_rows chooses (HF's head is F.linear)
-        own_head = head is not None or need is not None or self._few_rows_head(positions)
+        # A decode step on CPU runs the LM head itself too, as the CPU layouts choose (HF's head is F.linear)
+        own_head = head is not None or need is not None or self._cpu_layout_head(positions)
         # Our own head takes the decoder's final-norm output: the inner model is called, so HF's
         # head, and the capture of hidden states (hooks on every layer) when no decider reads them, are skipped.
         model = self._decoder() if own_head else self.lm
@@ -111,10 +111,11 @@ class TaggedPasses:
             kept = self.__dict__["_kept_decoder"] = (self.lm, self.lm.get_decoder())
         return kept[1]
 
-    def _few_rows_head(self, positions: torch.Tensor) -> bool:
-        """Should a pass over these (B, A) queries run the LM head through `few_rows`?"""
+    def _cpu_layout_head(self, positions: torch.Tensor) -> bool:
+        """Should a pass over these (B, A) queries run the LM head through the CPU linear layouts?"""
         head = self.lm.get_output_embeddings()
-        return type(head) is nn.Linear and few_rows.handles(positions.numel(), head.weight)
+        return type(head) is nn.Linear and kernels.linear_layouts(head.weight.device).handles(positions.numel(),
+                                                                                              head.weight)
 
     def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, H) final hidden states -> (N, V) logits, as the wrapped model's own head computes them."""
@@ -122,7 +123,8 @@ class TaggedPasses:
         if torch.is_grad_enabled() and type(head) is nn.Linear and head.weight.requires_grad:
             logits = _HeadLinear.apply(hidden, head.weight, head.bias)
         else:
-            logits = few_rows.linear(hidden, head.weight, head.bias) if type(head) is nn.Linear else head(hidden)
+            logits = kernels.linear_layouts(head.weight.device).linear(hidden, head.weight, head.bias) \
+                if type(head) is nn.Linear else head(hidden)
         config = self.lm.config
         if getattr(config, "logit_scale", None) is not None:  # Cohere multiplies its logits
             logits = logits * config.logit_scale

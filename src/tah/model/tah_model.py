@@ -27,14 +27,14 @@ from transformers.utils import ModelOutput
 
 from tah.config import TaHConfig
 from tah.errors import ConfigError, InputError
+from tah.kernels.sdpa import use_tah_sdpa
+from tah.kernels.shared_head import SharedHead
 from tah.model.attention import check_attn_implementation
 from tah.model.cache import TaHCache
 from tah.model.decider import Decider, MLPDecider, build_decider
 from tah.model.depth_logits import EveryTokenLogits, LogitsPlan, SharedHeadLogits, TailLogits
 from tah.model.lora import DepthLoRALinear, DepthState, add_depth_lora
 from tah.model.packing import Packing, PassTokens
-from tah.model.sdpa import use_tah_sdpa
-from tah.model.shared_head import SharedHead
 from tah.model.step import TaggedPasses
 
 
@@ -111,7 +111,7 @@ class TaHForCausalLM(TaggedPasses, nn.Module):
         self.max_positions = getattr(text_config, "max_position_embeddings", None)
         self.depth_state = DepthState()
         self.depth_state.deepest = max(config.max_iter - 1, 1)
-        self.use_shared_head = True  # see shared_head.py; False: each pass runs its own LM head (for comparisons)
+        self.use_shared_head = True  # see kernels/shared_head.py; False: each pass runs its own LM head (for comparisons)
         self.lora: dict[str, DepthLoRALinear] = {}
         if config.max_iter > 1:
             adapters = config.max_iter - 1 if config.lora_per_depth else 1

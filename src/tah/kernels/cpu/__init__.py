@@ -1,0 +1,1 @@
+"""CPU layouts (MKL/BLAS-shaped); reached through `tah.kernels.choose`."""
