@@ -37,6 +37,15 @@ def test_a_margin_within_the_standard_error_does_not_hold():
     assert "seed 1" in found["every seed learns (Standard >= 30% answers) and TaH+ answers best"]["detail"]
 
 
+def test_the_paired_error_is_shown_beside_the_pooled_one_that_decides():
+    # Seeds of very different difficulty, TaH+ 3 points up on each: the pooled SE (seed spread) is
+    # large, the paired one (spread of the per-seed differences) small; the verdict keeps the pooled.
+    found = _verdicts([_run(0, 0.60, 0.55, 0.63), _run(1, 0.80, 0.75, 0.83), _run(2, 0.90, 0.85, 0.94)])
+    detail = found["TaH+ above Standard"]["detail"]
+    assert "answers +3.3 points (SE 12.7, paired 0.3)" in detail, detail
+    assert not found["TaH+ above Standard"]["holds"]
+
+
 def test_a_seed_that_never_learned_is_named():
     found = _verdicts([_run(0, 0.50, 0.45, 0.60), _run(1, 0.05, 0.04, 0.06)])
     seeds = found["every seed learns (Standard >= 30% answers) and TaH+ answers best"]

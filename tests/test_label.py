@@ -139,6 +139,25 @@ def test_confidence_also_marks_the_right_but_unsure_tokens_hard():
             pass_counts(logits, ids, mask, confidence=bad)
 
 
+def test_prompt_easy_keeps_the_prompt_one_pass_and_the_answer_as_before(tmp_path):
+    reference, data = RuleReference(), rule_dataset()
+    label_dataset(reference, data, tmp_path / "plain", batch_size=3, shard_size=4, progress=False)
+    plain = load_labeled(tmp_path / "plain")
+    stats = label_dataset(reference, data, tmp_path / "easy", batch_size=3, shard_size=4, prompt_easy=True,
+                          progress=False)
+    easy = load_labeled(tmp_path / "easy")
+    prompt_hard = 0
+    for labels, before, after in zip(data["labels"], plain["iter_labels"], easy["iter_labels"], strict=True):
+        answer_next = [label != -100 for label in labels[1:]] + [False]
+        for t, is_answer in enumerate(answer_next):
+            assert after[t] == (before[t] if is_answer or before[t] == -100 else 1), (t, before, after)
+            prompt_hard += not is_answer and before[t] == 2
+    assert prompt_hard > 0  # the plain rule did mark prompt positions hard
+    assert stats["prompt_easy"] and stats["assistant_hard_tokens"] == stats["hard_tokens"] > 0
+    with pytest.raises(InputError, match="other settings|different"):  # a resumed run keeps its rule
+        label_dataset(reference, data, tmp_path / "easy", batch_size=3, shard_size=4, progress=False)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """A tiny random HF reference with a chat tokenizer saved to a directory, JSONL data, and the
@@ -209,6 +228,15 @@ def test_cli_refuses_bad_settings_before_loading(reference, tmp_path, capsys):
     assert main(["label", "--model", str(tmp_path / "nope"), "--data", reference["data"], "--out",
                  str(tmp_path / "o")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_cli_prompt_easy_labels_only_answer_tokens(reference, tmp_path):
+    assert main(label_command(reference, tmp_path / "out", "--prompt-easy")[2:]) == 0
+    got, expected = load_labeled(tmp_path / "out"), reference["expected"]
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["prompt_easy"] is True
+    for labels, iters, before in zip(got["labels"], got["iter_labels"], expected["iter_labels"], strict=True):
+        answer_next = [label != -100 for label in labels[1:]] + [False]
+        assert iters == [b if b == -100 or a else 1 for a, b in zip(answer_next, before, strict=True)]
 
 
 def label_command(reference, out, *extra) -> list[str]:

@@ -23,6 +23,9 @@ def register_label(commands: argparse._SubParsersAction) -> None:
     label.add_argument("--confidence", type=float, default=None, metavar="P",
                        help="also mark hard the tokens the reference predicts right with a probability below P "
                             "(e.g. 0.9; default: only the tokens it misses, the paper's rule)")
+    label.add_argument("--prompt-easy", action="store_true",
+                       help="only answer tokens can be hard: the prompt's positions get one pass (its content may "
+                            "be unpredictable by nature, e.g. random operands)")
     label.add_argument("--strict", action="store_true", help="fail on the first malformed row instead of skipping it")
     label.add_argument("--save-stats", action="store_true",
                        help="also store the reference's entropy and cross-entropy per token (ref_entropy, ref_ce)")
@@ -37,4 +40,4 @@ def _label(args: argparse.Namespace) -> None:
 
     run_label(args.model, args.data, args.out, tokenizer=args.tokenizer, max_length=args.max_length,
               batch_size=args.batch_size, shard_size=args.shard_size, max_iter=args.max_iter, deep_ce=args.deep_ce,
-              confidence=args.confidence, strict=args.strict, save_stats=args.save_stats, dtype=args.dtype, progress=not args.no_progress)
+              confidence=args.confidence, prompt_easy=args.prompt_easy, strict=args.strict, save_stats=args.save_stats, dtype=args.dtype, progress=not args.no_progress)

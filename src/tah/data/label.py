@@ -9,6 +9,10 @@ real token, prompt positions included (the model iterates on them at inference t
         with `confidence` p set, also where the argmax is right but gives input_ids[t+1] a
         probability below p (the reference was unsure: the whole class of tokens it finds hard,
         not only the ones it happens to miss; the paper's rule is p unset)
+        with `prompt_easy`, never at a position whose next token is prompt text (labels -100): a
+        question's own content is often unpredictable by nature (random operands, a user's
+        wording), and labelling it hard teaches the decider "odd-looking context", which it then
+        applies to the copies of that content in the answer
     2+k with max_iter > 2: a hard token gets 2 + k passes, k = how many of the `deep_ce` thresholds
         (max_iter - 2 of them, in nats, increasing) the reference's cross-entropy on it exceeds:
         the more surprised the reference, the deeper. (A missed token's CE is always > ln 2.)
@@ -66,9 +70,11 @@ def check_confidence(confidence) -> float | None:
 
 
 def pass_counts(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                max_iter: int = 2, deep_ce=None, confidence: float | None = None) -> dict[str, torch.Tensor]:
+                max_iter: int = 2, deep_ce=None, confidence: float | None = None,
+                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The rule above for one batch. logits (B, T, V) of the reference; input_ids, attention_mask
-    (B, T), either padding side. Returns iter_labels (B, T) long, and the reference's ref_ce (its
+    (B, T), either padding side; labels (B, T), -100 on prompt tokens: given, only positions whose next
+    token is labelled can be hard (`prompt_easy`). Returns iter_labels (B, T) long, and the reference's ref_ce (its
     cross-entropy on the true next token) and ref_entropy, (B, T) float32 in nats, 0 where
     iter_labels is -100."""
     thresholds = check_rule(max_iter, deep_ce)
@@ -92,6 +98,10 @@ def pass_counts(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: t
     hard = has_next & ~hit
     if confidence is not None:
         hard |= has_next & (ce > -math.log(confidence))
+    if labels is not None:
+        answer_next = torch.zeros_like(valid)
+        answer_next[:, :-1] = labels[:, 1:].to(valid.device) != IGNORE
+        hard &= answer_next
     iters = 1 + hard.long()
     if thresholds:
         deeper = (ce.unsqueeze(-1) > torch.tensor(thresholds, device=ce.device)).sum(-1)
@@ -102,8 +112,10 @@ def pass_counts(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: t
 
 @torch.no_grad()
 def label_batch(reference_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_iter: int = 2,
-                deep_ce=None, confidence: float | None = None) -> dict[str, torch.Tensor]:
-    """Run the reference model teacher-forced on a padded batch and apply `pass_counts` (on CPU)."""
+                deep_ce=None, confidence: float | None = None,
+                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Run the reference model teacher-forced on a padded batch and apply `pass_counts` (on CPU);
+    `labels` given: prompt positions stay easy (see `pass_counts`)."""
     device = next(reference_model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     # Explicit positions so left-padded rows are numbered from their first real token.
@@ -111,12 +123,13 @@ def label_batch(reference_model, input_ids: torch.Tensor, attention_mask: torch.
     logits = reference_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                              use_cache=False).logits
     return {key: value.cpu() for key, value in pass_counts(logits, input_ids, attention_mask, max_iter,
-                                                            deep_ce, confidence).items()}
+                                                            deep_ce, confidence, labels).items()}
 
 
 def label_dataset(reference_model, dataset, out_dir: str | os.PathLike, *, batch_size: int = 8,
                   max_iter: int = 2, shard_size: int = 1024, deep_ce=None, confidence: float | None = None,
-                  save_stats: bool = False, progress: bool = True, reference_name: str | None = None) -> dict:
+                  prompt_easy: bool = False, save_stats: bool = False, progress: bool = True,
+                  reference_name: str | None = None) -> dict:
     """Label `dataset` (columns input_ids, labels, e.g. from `build_dataset`) with `reference_model`
     and write the result to `out_dir` (layout in `tah.data.shards`): a `datasets` dataset with
     input_ids, labels, iter_labels (and ref_entropy, ref_ce per token with `save_stats`) and
@@ -147,6 +160,8 @@ def label_dataset(reference_model, dataset, out_dir: str | os.PathLike, *, batch
                 "reference": name or type(reference_model).__name__}
     if confidence is not None:  # only when set: runs labelled before the option existed still resume
         manifest["confidence"] = confidence
+    if prompt_easy:
+        manifest["prompt_easy"] = True
     store.check_manifest(manifest)  # every process, before anyone writes: all raise alike
     state.wait_for_everyone()
     if state.is_main_process:
@@ -160,7 +175,7 @@ def label_dataset(reference_model, dataset, out_dir: str | os.PathLike, *, batch
         if len(todo) < len(mine) and state.is_main_process:
             print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already done", file=sys.stderr)
         _label_shards(reference_model, dataset, store, todo, sizes, batch_size=batch_size, max_iter=max_iter,
-                      deep_ce=thresholds, confidence=confidence, save_stats=save_stats,
+                      deep_ce=thresholds, confidence=confidence, prompt_easy=prompt_easy, save_stats=save_stats,
                       progress=progress and state.is_main_process)
         state.wait_for_everyone()
         if state.is_main_process:
@@ -172,7 +187,8 @@ def label_dataset(reference_model, dataset, out_dir: str | os.PathLike, *, batch
 
 
 def _label_shards(model, dataset, store: ShardStore, todo: list[int], sizes: list[int], *, batch_size: int,
-                  max_iter: int, deep_ce, confidence: float | None, save_stats: bool, progress: bool) -> None:
+                  max_iter: int, deep_ce, confidence: float | None, prompt_easy: bool, save_stats: bool,
+                  progress: bool) -> None:
     import datasets
     from tqdm.auto import tqdm
 
@@ -192,7 +208,7 @@ def _label_shards(model, dataset, store: ShardStore, todo: list[int], sizes: lis
                 chunk = order[start:start + batch_size]
                 batch = collate([{"input_ids": ids[i], "labels": labels[i]} for i in chunk])
                 result = label_batch(model, batch["input_ids"], batch["attention_mask"], max_iter, deep_ce,
-                                     confidence)
+                                     confidence, batch["labels"] if prompt_easy else None)
                 for row, i in enumerate(chunk):
                     out[i] = {key: value[row, :len(ids[i])] for key, value in result.items()}
                 bar.update(len(chunk))
@@ -238,7 +254,8 @@ def summarize(counts: list[dict], manifest: dict) -> dict:
             "assistant_mean_reference_ce": share(total["assistant_ce_sum"], total["assistant"]),
             "iter_histogram": {str(k): histogram[k] for k in range(1, len(histogram))},
             "max_iter": manifest["max_iter"], "deep_ce": manifest["deep_ce"],
-            "confidence": manifest.get("confidence"), "reference": manifest["reference"],
+            "confidence": manifest.get("confidence"), "prompt_easy": manifest.get("prompt_easy", False),
+            "reference": manifest["reference"],
             "shards": [{"rows": c["rows"], "hard_tokens": c["hard"], "written_by_pid": c["pid"]} for c in counts]}
 
 

@@ -20,7 +20,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def run_label(model: str, data: str, out: str, *, tokenizer: str | None = None, max_length: int = 2048,
               batch_size: int = 8, shard_size: int = 1024, max_iter: int = 2, deep_ce: list[float] | None = None,
-              confidence: float | None = None, strict: bool = False, save_stats: bool = False, dtype: str = "auto", progress: bool = True) -> dict:
+              confidence: float | None = None, prompt_easy: bool = False, strict: bool = False, save_stats: bool = False, dtype: str = "auto", progress: bool = True) -> dict:
     """Run a reference model teacher-forced over chat data and mark the hard tokens: those where the
     reference's argmax is not the true next token (with --confidence P, also those it predicts right
     with a probability below P: the tokens it is unsure of). Writes OUT/dataset (a `datasets` dataset with
@@ -36,8 +36,8 @@ def run_label(model: str, data: str, out: str, *, tokenizer: str | None = None, 
     N CPU processes) every process labels its share of the shards.
 
     Args:
-        model, data, out, tokenizer, max_length, batch_size, shard_size, max_iter, deep_ce, confidence, strict,
-        save_stats, dtype: as `tah label`'s options of the same names (dtype "auto": bfloat16 on a
+        model, data, out, tokenizer, max_length, batch_size, shard_size, max_iter, deep_ce, confidence,
+        prompt_easy, strict, save_stats, dtype: as `tah label`'s options of the same names (dtype "auto": bfloat16 on a
         GPU, float32 on CPU). progress: draw a progress bar.
     Returns:
         The stats of `label_dataset`, with what the data held (rows kept and skipped) under "data".
@@ -67,7 +67,8 @@ def run_label(model: str, data: str, out: str, *, tokenizer: str | None = None, 
         raise InputError(f"the tokenizer produced id {top} but the reference model has {vocab} embeddings; "
                          "use the reference model's own tokenizer (--tokenizer)")
     stats = label_dataset(reference, dataset, out, batch_size=batch_size, max_iter=max_iter, shard_size=shard_size,
-                          deep_ce=deep_ce, confidence=confidence, save_stats=save_stats, progress=progress,
+                          deep_ce=deep_ce, confidence=confidence, prompt_easy=prompt_easy,
+                          save_stats=save_stats, progress=progress,
                           reference_name=str(model_dir.resolve()))
     stats["data"] = {"source": report.source, "rows": report.total, "kept": report.kept,
                      "skipped": len(report.skipped), "first_skipped": report.skipped[:5]}

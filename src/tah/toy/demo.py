@@ -35,9 +35,10 @@ METRICS = ("answer_accuracy", "next_token_accuracy", "iterated_share", "paramete
 def run_demo(out: str | Path = "tah-demo", quick: bool = False, seeds: int | None = None,
              console: Console | None = None) -> dict:
     """The paper's experiment end to end on a toy task, on a CPU, with nothing downloaded. Pretrain a
-    tiny Qwen3 on step-by-step arithmetic, label its hard tokens, prune a layer, and train Standard,
-    AlwaysIterate, TaH+ and TaH with equal budgets (the work of tah label / prune / train); evaluate
-    them on held-out problems. Writes OUT/results.json, sweep.png and samples.html, and each seed's
+    tiny Qwen3 on step-by-step arithmetic and prune a layer of it; fine-tune Standard, label the hard
+    tokens with it (what one pass still gets wrong or is unsure of), and train AlwaysIterate, TaH+ and
+    TaH from the same base with equal budgets (the work of tah train / prune / label); evaluate them
+    on held-out problems. Writes OUT/results.json, sweep.png and samples.html, and each seed's
     data, models, runs and logs under OUT/seed-N/.
 
     Args:
@@ -116,19 +117,26 @@ def run_seed(root: Path, settings: DemoSettings, seed: int, console: Console) ->
     s = settings
     base, _ = step("pretrain: the base (tah train)", lambda: stages.train(
         "standard", "base", init, root / "data" / "train.jsonl", s.pretrain_steps, s.pretrain_lr))
-    labeled, _ = step("label: hard tokens (tah label)", lambda: stages.label(base, "train"))
-    heldout_labeled, _ = step("label: held-out", lambda: stages.label(base, "heldout"))
     pruned, _ = step("prune: 1 layer (tah prune)", lambda: stages.prune(base))
-    finals, train_time = {}, {}
+    finals, train_time, labels = {}, {}, {"train": root / "data" / "train.jsonl"}
 
     def fit(name, recipe, out, model, steps, lr, **extra):
-        path, seconds = stages.train(recipe, out, model, labeled, steps, lr, **extra)
+        path, seconds = stages.train(recipe, out, model, labels["train"], steps, lr, **extra)
         train_time[name] = train_time.get(name, 0.0) + seconds
         return path
 
+    def label(reference):
+        labels["train"], _ = step("label: hard tokens (tah label)", lambda: stages.label(reference, "train"))
+        labels["heldout"], _ = step("label: held-out", lambda: stages.label(reference, "heldout"))
+
+    if s.label_reference == "base":
+        label(base)
     decider = {"tah.pos_weight": s.pos_weight, "tah.threshold": s.threshold}
     finals["Standard"] = step("train: Standard", lambda: fit("Standard", "standard", "standard", base,
                                                             s.finetune_steps, s.finetune_lr))
+    if s.label_reference == "standard":
+        label(finals["Standard"])
+    labeled, heldout_labeled = labels["train"], labels["heldout"]
     finals["AlwaysIterate"] = step("train: AlwaysIterate", lambda: fit("AlwaysIterate", "always", "always", base,
                                                                       s.finetune_steps, s.finetune_lr))
     for name, start in (("TaH+", base), ("TaH", pruned)):

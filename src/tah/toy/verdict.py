@@ -2,7 +2,10 @@
 
 A margin "holds" when the mean over seeds is above the other model's by more than the pooled
 standard error of the difference, sqrt(sd_a^2 / n + sd_b^2 / n) over n seeds; with one seed there
-is no error bar, and the verdict says so.
+is no error bar, and the verdict says so. The detail also gives the paired standard error, sd(a - b)
+/ sqrt(n) over the per-seed differences: both models of a seed start from the same base and data,
+so the seed's own luck (how far its base got) cancels there, and not in the pooled one. The verdict
+stays on the pooled one, the stricter.
 """
 
 from __future__ import annotations
@@ -37,21 +40,24 @@ def verdict_lines(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _margin(a: list[float], b: list[float]) -> tuple[float, float]:
-    """(mean(a) - mean(b), the pooled standard error of that difference; nan with one seed)."""
-    n = len(a)
+def _margin(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """(mean(a) - mean(b), the pooled and the paired standard errors of that difference; nan with one seed)."""
+    n, diff = len(a), statistics.fmean(a) - statistics.fmean(b)
     if n < 2:
-        return statistics.fmean(a) - statistics.fmean(b), math.nan
-    return statistics.fmean(a) - statistics.fmean(b), math.sqrt((statistics.variance(a) + statistics.variance(b)) / n)
+        return diff, math.nan, math.nan
+    pooled = math.sqrt((statistics.variance(a) + statistics.variance(b)) / n)
+    paired = statistics.stdev([x - y for x, y in zip(a, b, strict=True)]) / math.sqrt(n)
+    return diff, pooled, paired
 
 
 def _above(per_model: dict, mine: str, theirs: str) -> dict:
     parts, holds = [], True
     for key, label in METRICS:
-        diff, error = _margin([r[key] for r in per_model[mine]], [r[key] for r in per_model[theirs]])
+        diff, error, paired = _margin([r[key] for r in per_model[mine]], [r[key] for r in per_model[theirs]])
         ok = diff > error if not math.isnan(error) else diff > 0
         holds &= ok
-        parts.append(f"{label} {diff * 100:+.1f} points" + ("" if math.isnan(error) else f" (SE {error * 100:.1f})"))
+        parts.append(f"{label} {diff * 100:+.1f} points" + ("" if math.isnan(error) else
+                                                              f" (SE {error * 100:.1f}, paired {paired * 100:.1f})"))
     seeds = len(per_model[mine])
     note = "" if seeds > 1 else " (1 seed: no error bar)"
     return {"claim": f"{mine} above {theirs}", "holds": holds, "detail": ", ".join(parts) + note}
