@@ -128,6 +128,10 @@ def test_config_errors_name_the_field():
         make_problems(200, 0, TaskConfig(terms=(2, 2), digits=(1, 1), ops="+"))  # 100 questions exist
     with pytest.raises(InputError, match="split"):
         make_problems(1, 0, split="test")
+    from tah.toy.pipeline import DemoSettings
+
+    with pytest.raises(InputError, match="label_reference"):
+        DemoSettings(label_reference="teacher")
 
 
 def test_jsonl_round_trip(tmp_path):

@@ -118,16 +118,16 @@ def run_seed(root: Path, settings: DemoSettings, seed: int, console: Console) ->
     base, _ = step("pretrain: the base (tah train)", lambda: stages.train(
         "standard", "base", init, root / "data" / "train.jsonl", s.pretrain_steps, s.pretrain_lr))
     pruned, _ = step("prune: 1 layer (tah prune)", lambda: stages.prune(base))
-    finals, train_time, labels = {}, {}, {"train": root / "data" / "train.jsonl"}
+    finals, train_time, labelled = {}, {}, {"train": root / "data" / "train.jsonl"}
 
     def fit(name, recipe, out, model, steps, lr, **extra):
-        path, seconds = stages.train(recipe, out, model, labels["train"], steps, lr, **extra)
+        path, seconds = stages.train(recipe, out, model, labelled["train"], steps, lr, **extra)
         train_time[name] = train_time.get(name, 0.0) + seconds
         return path
 
     def label(reference):
-        labels["train"], _ = step("label: hard tokens (tah label)", lambda: stages.label(reference, "train"))
-        labels["heldout"], _ = step("label: held-out", lambda: stages.label(reference, "heldout"))
+        labelled["train"], _ = step("label: hard tokens (tah label)", lambda: stages.label(reference, "train"))
+        labelled["heldout"], _ = step("label: held-out", lambda: stages.label(reference, "heldout"))
 
     if s.label_reference == "base":
         label(base)
@@ -136,7 +136,7 @@ def run_seed(root: Path, settings: DemoSettings, seed: int, console: Console) ->
                                                             s.finetune_steps, s.finetune_lr))
     if s.label_reference == "standard":
         label(finals["Standard"])
-    labeled, heldout_labeled = labels["train"], labels["heldout"]
+    labeled, heldout_labeled = labelled["train"], labelled["heldout"]
     finals["AlwaysIterate"] = step("train: AlwaysIterate", lambda: fit("AlwaysIterate", "always", "always", base,
                                                                       s.finetune_steps, s.finetune_lr))
     for name, start in (("TaH+", base), ("TaH", pruned)):
