@@ -106,6 +106,7 @@ def test_every_shipped_recipe_loads():
     ("training.weight_decay=-0.1", "training.weight_decay"),
     ("training.save_total_limit=0", "training.save_total_limit"),
     ("training.dataloader_num_workers=-1", "training.dataloader_num_workers"),
+    ("training.stop_at_loss=0", "training.stop_at_loss"),
 ])
 def test_bad_recipe_fails_before_any_model_loads(setting, named, monkeypatch, capsys):
     def no_model(*args, **kwargs):
@@ -234,6 +235,20 @@ def test_baselines_run_the_same_recipe(baseline, passes, workspace):
     shares = [e["iterated"] for e in record["log_history"] if "loss" in e]
     assert shares == [float(passes - 1)] * 2
     assert model(torch.tensor([[1, 7, 8, 9]])).iter_count.tolist() == [[passes] * 4]
+
+
+def test_stop_at_loss_ends_the_run_at_the_first_log_that_reaches_it(workspace):
+    """`training.stop_at_loss`: the same run, stopped at the first logged loss at or below the target,
+    still writes its final model (the demo pretrains every seed's base to one loss this way)."""
+    steps = {"training.max_steps": 8, "training.logging_steps": 1}
+    full = train_losses(run_train("standard.yaml", overrides(workspace, workspace["root"] / "full", **steps)))
+    target = min(full[2:5])  # reached at some step in 3..5, never before step 3 unless an earlier one is lower
+    stop = next(step for step, loss in enumerate(full, start=1) if loss <= target)
+    out = workspace["root"] / "stopped"
+    stopped = train_losses(run_train("standard.yaml", overrides(workspace, out, **steps,
+                                                                 **{"training.stop_at_loss": target})))
+    assert stop < len(full) and stopped == full[:stop]
+    assert (out / "final" / "config.json").is_file()
 
 
 def test_stage1_trains_in_bf16_as_the_paper_recipes_do(workspace):

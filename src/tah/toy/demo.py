@@ -115,8 +115,9 @@ def run_seed(root: Path, settings: DemoSettings, seed: int, console: Console) ->
     train, heldout = step("data: problems + tokenizer", stages.data)
     init = step("init: random tiny Qwen3", stages.init_model)
     s = settings
+    until = {} if s.pretrain_loss is None else {"training.stop_at_loss": s.pretrain_loss, "training.logging_steps": 10}
     base, _ = step("pretrain: the base (tah train)", lambda: stages.train(
-        "standard", "base", init, root / "data" / "train.jsonl", s.pretrain_steps, s.pretrain_lr))
+        "standard", "base", init, root / "data" / "train.jsonl", s.pretrain_steps, s.pretrain_lr, **until))
     pruned, _ = step("prune: 1 layer (tah prune)", lambda: stages.prune(base))
     finals, train_time, labelled = {}, {}, {"train": root / "data" / "train.jsonl"}
 
@@ -131,14 +132,15 @@ def run_seed(root: Path, settings: DemoSettings, seed: int, console: Console) ->
 
     if s.label_reference == "base":
         label(base)
-    decider = {"tah.pos_weight": s.pos_weight, "tah.threshold": s.threshold}
+    lora = {"tah.lora_rank": s.lora_rank, "tah.lora_alpha": 2 * s.lora_rank}
+    decider = {"tah.pos_weight": s.pos_weight, "tah.threshold": s.threshold, **lora}
     finals["Standard"] = step("train: Standard", lambda: fit("Standard", "standard", "standard", base,
                                                             s.finetune_steps, s.finetune_lr))
     if s.label_reference == "standard":
         label(finals["Standard"])
     labeled, heldout_labeled = labelled["train"], labelled["heldout"]
     finals["AlwaysIterate"] = step("train: AlwaysIterate", lambda: fit("AlwaysIterate", "always", "always", base,
-                                                                      s.finetune_steps, s.finetune_lr))
+                                                                      s.finetune_steps, s.finetune_lr, **lora))
     for name, start in (("TaH+", base), ("TaH", pruned)):
         tag = name.lower().replace("+", "-plus")
         stage1 = step(f"train: {name} stage 1", lambda start=start, name=name, tag=tag: fit(

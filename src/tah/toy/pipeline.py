@@ -55,13 +55,15 @@ class DemoSettings:
     hidden: int = 64
     layers: int = 3
     heads: int = 4
-    pretrain_steps: int = 700
+    pretrain_steps: int = 700  # with `pretrain_loss`: the most steps
+    pretrain_loss: float | None = None  # pretrain until the training loss is this low (`training.stop_at_loss`)
     finetune_steps: int = 600
     decider_steps: int = 150
     batch_size: int = 32
     pretrain_lr: float = 3e-3
     finetune_lr: float = 3e-3
     decider_lr: float = 3e-3
+    lora_rank: int = 4  # AlwaysIterate's and TaH's depth-1 adapters (alpha = 2 x rank, as the recipes)
     pos_weight: float = 5.0  # the paper's: a missed hard token costs more than a wasted pass
     threshold: float = 0.5
     label_confidence: float | None = 0.9  # `tah label --confidence`: the tokens the reference is unsure of are hard too

@@ -43,6 +43,7 @@ class TrainingSettings:
     max_grad_norm: float = 0.2
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
+    stop_at_loss: float | None = None  # stop early once a logged training loss is at or below this
     per_device_batch_size: int = 1
     effective_batch_size: int = 1
     bf16: bool = False
@@ -66,6 +67,8 @@ class TrainingSettings:
             raise ConfigError(f"training.warmup_ratio must lie in [0, 1); got {self.warmup_ratio}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("set training.epochs > 0 or training.max_steps > 0")
+        if self.stop_at_loss is not None and not self.stop_at_loss > 0:
+            raise ConfigError(f"training.stop_at_loss must be > 0 (a training loss), or null; got {self.stop_at_loss}")
         for name in ("save_total_limit", "eval_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"training.{name} must be an integer >= 1, or null; got {getattr(self, name)}")

@@ -27,7 +27,7 @@ from tah.model.decider import build_decider
 from tah.model.tah_model import TaHForCausalLM
 from tah.train import checkpoints
 from tah.train.recipe import Recipe
-from tah.train.trainer import TaHTrainer, clean_staging
+from tah.train.trainer import StopAtLoss, TaHTrainer, clean_staging
 
 DECIDER_SHAPE = ("decider", "decider_layers", "decider_hidden_dims", "decider_topk", "decider_expansion")
 
@@ -63,6 +63,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
 
     trainer = TaHTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                          data_collator=TaHCollator(tokenizer.pad_token_id), processing_class=tokenizer)
+    if recipe.training.stop_at_loss is not None:
+        trainer.add_callback(StopAtLoss(recipe.training.stop_at_loss))
     trainer.train(resume_from_checkpoint=checkpoint)
     final = out / "final"
     trainer.save_model(str(final))

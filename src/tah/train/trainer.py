@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from tah.model.tah_model import TaHForCausalLM
 
@@ -117,6 +117,20 @@ class TaHTrainer(Trainer):
 
         rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+
+class StopAtLoss(TrainerCallback):
+    """Ends training at the first logged training loss <= `target` (the mean over a logging window of
+    `logging_steps`; every process logs the same gathered mean, so all stop together). For a base
+    trained to a quality rather than a step count: seeds that learn slowly get more steps."""
+
+    def __init__(self, target: float) -> None:
+        self.target = target
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and logs["loss"] <= self.target:
+            control.should_training_stop = True
+        return control
 
 
 def _metrics(totals: torch.Tensor) -> dict[str, float]:
