@@ -16,9 +16,10 @@ held vs the base model's (one per token), and the bytes it allocated vs `never`'
 
 Training step (batch 4 x 1024, float32 weights under `torch.autocast(bfloat16)`, AdamW, as a user of
 HF Trainer's bf16 would run it): plain SFT of the bare HF model, TaH stage 1 with 0% and 10% of the
-tokens hard (oracle iter_labels, exactly 10% of each row), TaH stage 2 (decider only). Median of 5
-steps after 2 warm-up steps; peak memory is each row's own (max_memory_allocated above what was
-allocated when the row began).
+tokens hard (oracle iter_labels, exactly 10% of each row), TaH stage 2 (decider only), and stage 1 at
+10% with `compile_deep_passes` (run last: its warm-up compiles, and the warm-up time is printed). Median
+of 5 steps after 2 warm-up steps; peak memory is each row's own (max_memory_allocated above what was
+allocated when the row began). --train-only runs the training rows alone.
 
 The run keeps to --budget-s (default 280 s, counted from the process start): the rows run surest
 and most needed first (HF eager and tah's main decode rows, training, then the HF compiles, then the
@@ -375,11 +376,13 @@ def decode_estimate(row: DecodeRow, done: dict, repeats: int) -> float:
 
 
 # -- training --------------------------------------------------------------------------------------
+COMPILED = "stage1_10%_compiled"  # `compile_deep_passes`: its first steps compile (minutes), so it runs last
 TRAIN_ROWS = {  # key: (label, hard share or None for SFT, stage)
     "sft": ("plain SFT of the base model", None, 1),
     "stage1_0%": ("TaH stage 1, 0% hard tokens", 0.0, 1),
     "stage1_10%": ("TaH stage 1, 10% hard tokens", 0.1, 1),
     "stage2": ("TaH stage 2 (decider only), 10% hard labels", 0.1, 2),
+    COMPILED: ("TaH stage 1, 10% hard tokens, deeper passes compiled", 0.1, 1),
 }
 
 
@@ -398,6 +401,8 @@ def measure_train(key: str, setup: Setup, device: torch.device, dtype: torch.dty
         model = wrap(model, device, decider="mlp").train()
         model.set_training_stage(stage)
         batch["iter_labels"] = hard_labels(setup.train_batch, setup.train_length, hard, gen)
+        if key == COMPILED:
+            model.compile_deep_passes()
     batch = {name: t.to(device) for name, t in batch.items()}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -410,9 +415,11 @@ def measure_train(key: str, setup: Setup, device: torch.device, dtype: torch.dty
         optimizer.step()
         return loss.detach()
 
-    for _ in range(setup.train_warmup):
+    started = time.perf_counter()
+    for _ in range(max(setup.train_warmup, 1 if key == COMPILED else 0)):  # the compile happens here
         step()
     sync(device)
+    warmup = time.perf_counter() - started
     times, losses = [], []
     for _ in range(setup.train_steps):
         if times and not budget.allows(times[-1]):
@@ -423,7 +430,7 @@ def measure_train(key: str, setup: Setup, device: torch.device, dtype: torch.dty
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else None
     seconds = statistics.median(times)
-    return dict(key=key, label=label, steps=len(times), seconds=times, step_seconds=seconds,
+    return dict(key=key, label=label, steps=len(times), seconds=times, step_seconds=seconds, warmup_s=warmup,
                 tokens_per_s=setup.train_batch * setup.train_length / seconds, peak_bytes=peak,
                 trainable_params=sum(p.numel() for p in params), loss=float(losses[-1]))
 
@@ -541,14 +548,18 @@ def parse_args() -> argparse.Namespace:
                         help="seconds from the process start; rows that would not fit are skipped")
     parser.add_argument("--repeats", type=int, default=None, help="timed decode runs per row (default 3; smoke 1)")
     parser.add_argument("--out", type=Path, help="write every figure as JSON here")
+    parser.add_argument("--train-only", action="store_true",
+                        help="the training rows only (the compiled one, which the full run reaches last, included)")
     return parser.parse_args()
 
 
 class Run:
     """The rows of one run, each attempted in turn under the budget, and what they gave (`results`)."""
 
-    def __init__(self, setup: Setup, device: torch.device, dtype: torch.dtype, budget: Budget) -> None:
+    def __init__(self, setup: Setup, device: torch.device, dtype: torch.dtype, budget: Budget,
+                 train_only: bool = False) -> None:
         self.setup, self.device, self.dtype, self.budget = setup, device, dtype, budget
+        self.train_only = train_only
         self.results = dict(environment=environment(device, setup, dtype, budget), decode=[], train=[],
                             skipped=[], errors=[])
         self.decode: Decode | None = None
@@ -599,8 +610,9 @@ class Run:
                 done[row.batch, row.key] = record
                 self.results["decode"].append(record)
 
-    def train_rows(self) -> None:
-        for key, (label, _, _) in TRAIN_ROWS.items():
+    def train_rows(self, keys) -> None:
+        for key in keys:
+            label = TRAIN_ROWS[key][0]
             record = self.attempt(f"training: {label}",
                                   lambda key=key: measure_train(key, self.setup, self.device, self.dtype, self.budget),
                                   summary=train_summary)
@@ -610,7 +622,10 @@ class Run:
 
     def all_rows(self) -> None:
         """The rows, most important and surest first: HF eager and tah's own decode rows, training, the
-        HF static-cache compiles, the rest."""
+        HF static-cache compiles, the rest, the compiled training row (its compile may take minutes)."""
+        if self.train_only:
+            self.train_rows(TRAIN_ROWS)
+            return
         self.decode = self.attempt("build the decode models", lambda: Decode(self.setup, self.device, self.dtype))
         core, extra = decode_rows(self.decode) if self.decode else ([], [])
         self.decode_rows(core)
@@ -618,8 +633,9 @@ class Run:
             for b in self.setup.batches:
                 self.results["skipped"].append(dict(row=f"decode batch {b}: engine eager rows", reason=(
                     "tah.generate takes no engine= keyword: its one engine is the auto rows'")))
-        self.train_rows()
+        self.train_rows([key for key in TRAIN_ROWS if key != COMPILED])
         self.decode_rows(extra)
+        self.train_rows([COMPILED])
 
 
 def decode_summary(record: dict) -> str:
@@ -630,7 +646,7 @@ def decode_summary(record: dict) -> str:
 
 def train_summary(record: dict) -> str:
     peak = f", peak {record['peak_bytes'] / GiB:.2f} GiB" if record["peak_bytes"] else ""
-    return f"{record['tokens_per_s']:.0f} tokens/s{peak}, loss {record['loss']:.3f}"
+    return f"{record['tokens_per_s']:.0f} tokens/s{peak}, loss {record['loss']:.3f}, warm-up {record['warmup_s']:.1f} s"
 
 
 def report(run: Run) -> None:
@@ -638,7 +654,8 @@ def report(run: Run) -> None:
     decode_ratios(results["decode"])
     train_ratios(results["train"])
     results["environment"]["elapsed_s"] = budget.elapsed()
-    print("\n" + decode_table(run.setup, run.dtype, results["decode"]) + "\n")
+    if results["decode"]:
+        print("\n" + decode_table(run.setup, run.dtype, results["decode"]) + "\n")
     print(train_table(run.setup, run.dtype, results["train"]) + "\n")
     for skipped in results["skipped"]:
         print(f"skipped: {skipped['row']}: {skipped['reason']}")
@@ -654,7 +671,7 @@ def main() -> int:
     setup = SMOKE if args.smoke else FULL
     if args.repeats is not None:
         setup = Setup(**{**asdict(setup), "repeats": max(args.repeats, 1)})
-    run = Run(setup, torch.device(args.device), getattr(torch, args.dtype), budget)
+    run = Run(setup, torch.device(args.device), getattr(torch, args.dtype), budget, args.train_only)
     log(budget, f"bench_gpu on {run.results['environment'].get('gpu', args.device)}: torch {torch.__version__}, "
                 f"transformers {transformers.__version__}, tah.generate engine= keyword: {ENGINE_KEYWORD}")
     try:

@@ -46,7 +46,7 @@ def test_every_row_of_both_tables_is_measured(smoke):
     setup = figures["environment"]["setup"]
     decode = {(r["batch"], r["key"]): r for r in figures["decode"]}
     assert set(decode) == expected_decode_rows(setup["batches"])
-    assert [r["key"] for r in figures["train"]] == ["sft", "stage1_0%", "stage1_10%", "stage2"]
+    assert [r["key"] for r in figures["train"]] == ["sft", "stage1_0%", "stage1_10%", "stage2", "stage1_10%_compiled"]
     assert "decode: prompt" in stdout and "training step: batch" in stdout
     for r in figures["decode"]:
         assert r["label"] in stdout

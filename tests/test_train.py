@@ -260,6 +260,22 @@ def test_stage1_trains_in_bf16_as_the_paper_recipes_do(workspace):
     assert TaHForCausalLM.from_pretrained(out / "final").lm.dtype == torch.float32
 
 
+def test_stage1_with_compiled_deep_passes_logs_the_eager_losses(workspace):
+    """`training.compile_deep_passes: true` (for GPUs, issue 26): the Trainer's steps go through the
+    compiled deeper passes (inductor, here on CPU) and log the losses of the eager run."""
+    steps = {"training.max_steps": 3, "training.logging_steps": 1}
+    eager = train_losses(run_train("stage1.yaml", overrides(workspace, workspace["root"] / "eager", **steps)))
+    torch._dynamo.reset()
+    try:
+        compiled = train_losses(run_train("stage1.yaml", overrides(
+            workspace, workspace["root"] / "compiled", **steps, **{"training.compile_deep_passes": "true"})))
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs >= 1  # the deeper passes did go through torch.compile
+    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
+
+
 # -- metrics ---------------------------------------------------------------------------------------
 HOST_READS = ("cpu", "item", "tolist", "numpy", "to", "__bool__", "__int__", "__float__")
 

@@ -324,8 +324,10 @@ class TaHCache:
             self.values.append(None)
         self.keys[layer_idx] = self._write(self.keys[layer_idx], key_states)
         self.values[layer_idx] = self._write(self.values[layer_idx], value_states)
-        S = self._length
-        return self.keys[layer_idx][:, :, :S], self.values[layer_idx][:, :, :S]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if keys.shape[2] == self._length:  # appended under autograd: exactly S slots (no slice: a compiled pass keeps A symbolic)
+            return keys, values
+        return keys[:, :, :self._length], values[:, :, :self._length]
 
     def _write(self, buffer: torch.Tensor | None, states: torch.Tensor) -> torch.Tensor:
         b, h, _, d = states.shape

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import tah.kernels.choose as kernels
@@ -280,9 +281,10 @@ class DepthLoRALinear(nn.Module):
         if not kernels.on_cpu(weight.device) or self._state.device_only:
             # the layouts are for CPUs' eager decoding; the module call runs its hooks (ZeRO-3's gathering)
             return self.base_layer(x)
+        if torch.is_grad_enabled():  # training: plain F.linear (nothing here reads x's shape: a compiled pass keeps it symbolic)
+            return F.linear(x, weight, bias)
         kept = self._plans.get(x.shape)
-        if kept is not None and kept[1] is weight and kept[2] is bias and kept[3] == x.dtype \
-                and not torch.is_grad_enabled():
+        if kept is not None and kept[1] is weight and kept[2] is bias and kept[3] == x.dtype:
             return kept[0](x)
         layouts = kernels.linear_layouts(weight.device)
         out = layouts.linear(x, weight, bias)

@@ -81,7 +81,7 @@ class TaggedPasses:
         own_head = head is not None or need is not None or self._cpu_layout_head(positions)
         # Our own head takes the decoder's final-norm output: the inner model is called, so HF's
         # head, and the capture of hidden states (hooks on every layer) when no decider reads them, are skipped.
-        model = self._decoder() if own_head else self.lm
+        model = self._compiled(self._decoder() if own_head else self.lm, depth)
         extra = {} if own_head else {"logits_to_keep": 0}
         # real: the linears skip padding queries in decode steps (DepthState.rows); not the LM head,
         # which reads a 65 MB weight at bench_decode's size whatever its rows, and whose product
@@ -93,6 +93,27 @@ class TaggedPasses:
             return out.logits, out.hidden_states
         final = out.last_hidden_state
         return (head or self._lm_head)(final if need is None else final[need]), out.hidden_states
+
+    def compile_deep_passes(self, **options) -> None:
+        """From now on, run every pass at depth >= 1 under autograd (training's hard tokens) through
+        `torch.compile(wrapped model, dynamic=True, **options)`; depth 0, decoding and stage 2 (no
+        autograd) stay eager. Why: a deeper pass covers the few hard tokens with every layer's ops,
+        so on a GPU it waits on the host, not the device (issue 26: a stage-1 step at 10% hard tokens
+        dispatched 1.85x the ops of its depth-0 pass over ten times the tokens); compiled, each layer
+        is a few fused kernels. dynamic=True: the hard tokens per row change every batch, and one
+        graph serves every count (the first call compiles, for minutes on a large model). The same
+        numbers as eager up to float rounding (tests/test_compile.py)."""
+        self.__dict__["_deep_compile"] = ({}, {"dynamic": True, **options})  # not a submodule: no state_dict entry
+
+    def _compiled(self, model: nn.Module, depth: int | torch.Tensor) -> nn.Module:
+        """`model`, or its compiled form for a deeper training pass after `compile_deep_passes`."""
+        kept = self.__dict__.get("_deep_compile")
+        if kept is None or not isinstance(depth, int) or depth == 0 or not torch.is_grad_enabled():
+            return model
+        compiled, options = kept
+        if model not in compiled:
+            compiled[model] = torch.compile(model, **options)
+        return compiled[model]
 
     def decide(self, sums: torch.Tensor | None, hidden: tuple | None, positions: torch.Tensor,
                depth: int | torch.Tensor) -> torch.Tensor:

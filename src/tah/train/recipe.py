@@ -47,6 +47,7 @@ class TrainingSettings:
     per_device_batch_size: int = 1
     effective_batch_size: int = 1
     bf16: bool = False
+    compile_deep_passes: bool = False  # torch.compile the deeper passes (GPU training: see TaHForCausalLM.compile_deep_passes)
     seed: int = 42
     logging_steps: int = 10
     save_steps: int = 500

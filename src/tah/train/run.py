@@ -57,6 +57,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
     eval_data = _dataset(recipe, recipe.eval_data, tokenizer) if recipe.eval_data else None
     set_seed(recipe.training.seed)  # fresh LoRA A and the decider are random: same seed, same start
     model = _model(recipe)
+    if recipe.training.compile_deep_passes:
+        model.compile_deep_passes()
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
     args = _training_arguments(recipe, processes, has_eval=eval_data is not None)
     from tah.data import TaHCollator
