@@ -16,10 +16,14 @@ held vs the base model's (one per token), and the bytes it allocated vs `never`'
 
 Training step (batch 4 x 1024, float32 weights under `torch.autocast(bfloat16)`, AdamW, as a user of
 HF Trainer's bf16 would run it): plain SFT of the bare HF model, TaH stage 1 with 0% and 10% of the
-tokens hard (oracle iter_labels, exactly 10% of each row), TaH stage 2 (decider only), and stage 1 at
-10% with `compile_deep_passes` (run last: its warm-up compiles, and the warm-up time is printed). Median
-of 5 steps after 2 warm-up steps; peak memory is each row's own (max_memory_allocated above what was
-allocated when the row began). --train-only runs the training rows alone.
+tokens hard (oracle iter_labels, exactly 10% of each row), TaH stage 2 (decider only). Median of 5
+steps after 2 warm-up steps; peak memory is each row's own (max_memory_allocated above what was
+allocated when the row began).
+
+--compiled runs, instead, what torch.compile may speed up beside its eager reference, in one run: SFT,
+stage 1 at 10% and the same with `compile_deep_passes`; decoding at both batches with `never` and
+10%, eager steps and `compile_decode_steps`; HF's compiled static cache at batch 1 last. Each warm-up
+(the compiles) is printed.
 
 The run keeps to --budget-s (default 280 s, counted from the process start): the rows run surest
 and most needed first (HF eager and tah's main decode rows, training, then the HF compiles, then the
@@ -229,9 +233,11 @@ class Decode:
 
         return run
 
-    def tah(self, rate: float | None, engine: str, candidates: int | None = None) -> Callable:
+    def tah(self, rate: float | None, engine: str, candidates: int | None = None, compiled: bool = False) -> Callable:
         def run(ids: torch.Tensor, new: int):
             self.model.decider = self.deciders[rate]
+            if hasattr(self.model, "compile_decode_steps"):
+                self.model.compile_decode_steps(enabled=compiled)
             options = dict(max_new_tokens=new, eos_token_id=None, draft_candidates=candidates)
             if ENGINE_KEYWORD:
                 options["engine"] = engine
@@ -318,11 +324,13 @@ def measure_decode(decode: Decode, row: DecodeRow, budget: Budget) -> dict:
 
 
 DECODE_ORDER = ("hf_eager", "hf_static", "never", "10%", "always", "never_eager", "10%_eager", "10%_drafts1",
-                "10%_drafts2", "10%_drafts4")  # the table's order (rows run in decode_rows' order)
+                "10%_drafts2", "10%_drafts4", "never_compiled", "10%_compiled")  # the table's order (rows run in decode_rows' order)
 
 
-def decode_rows(decode: Decode) -> tuple[list[DecodeRow], list[DecodeRow]]:
-    """(core, extra) decode rows, most important first; training runs between the two lists."""
+def decode_rows(decode: Decode, compiled: bool = False) -> tuple[list[DecodeRow], list[DecodeRow]]:
+    """(core, extra) decode rows, most important first; training runs between the two lists. With
+    `compiled`: the static engine's compiled steps (`compile_decode_steps`) beside its eager steps,
+    then HF's compiled static cache at batch 1."""
     one, many = decode.setup.batches
     on_cpu = decode.device.type != "cuda"
     static_label = "HF generate, static cache, " + ("not compiled (cpu)" if on_cpu else "compiled")
@@ -333,10 +341,19 @@ def decode_rows(decode: Decode) -> tuple[list[DecodeRow], list[DecodeRow]]:
                          kind="hf", engine="static", note=note)
 
     def tah_row(batch: int, key: str, label: str, rate: float | None, engine: str = "auto",
-                candidates: int | None = None) -> DecodeRow:
+                candidates: int | None = None, steps_compiled: bool = False) -> DecodeRow:
         # an "auto" engine may capture CUDA graphs on its first run: a full warm-up then
-        return DecodeRow(batch, key, label, decode.tah(rate, engine, candidates), rate=rate, engine=engine,
-                         compiles=ENGINE_KEYWORD and engine != "eager")
+        return DecodeRow(batch, key, label, decode.tah(rate, engine, candidates, steps_compiled), rate=rate,
+                         engine=engine, compiles=ENGINE_KEYWORD and engine != "eager")
+
+    if compiled:  # engine "static" (what "auto" takes on CUDA), so that a CPU smoke run compiles its steps too
+        static = "static" if ENGINE_KEYWORD else "auto"
+        core = [row for batch in (one, many) for row in (
+            tah_row(batch, "never", "tah, decider never", None, static),
+            tah_row(batch, "10%", "tah, 10% iterated", 0.1, static),
+            tah_row(batch, "never_compiled", "tah, decider never, steps compiled", None, static, steps_compiled=True),
+            tah_row(batch, "10%_compiled", "tah, 10% iterated, steps compiled", 0.1, static, steps_compiled=True))]
+        return core, [hf_static(one)]
 
     core = []
     for batch in (one, many):
@@ -376,7 +393,7 @@ def decode_estimate(row: DecodeRow, done: dict, repeats: int) -> float:
 
 
 # -- training --------------------------------------------------------------------------------------
-COMPILED = "stage1_10%_compiled"  # `compile_deep_passes`: its first steps compile (minutes), so it runs last
+COMPILED = "stage1_10%_compiled"  # `compile_deep_passes`: its first step compiles (minutes); --compiled runs it
 TRAIN_ROWS = {  # key: (label, hard share or None for SFT, stage)
     "sft": ("plain SFT of the base model", None, 1),
     "stage1_0%": ("TaH stage 1, 0% hard tokens", 0.0, 1),
@@ -466,6 +483,10 @@ def decode_ratios(rows: list[dict]) -> None:
             never = by.get((r["batch"], "never"))
             r["vs_never"] = ratio(speed, never and never["tokens_per_s"])
             r["vs_never_engine"] = "auto"
+        if r["key"].endswith("_compiled"):  # against never with the steps compiled alike; that one against never
+            never = by.get((r["batch"], "never" if r["key"] == "never_compiled" else "never_compiled"))
+            r["vs_never"] = ratio(speed, never and never["tokens_per_s"])
+            r["vs_never_engine"] = "auto" if r["key"] == "never_compiled" else "compiled"
 
 
 def train_ratios(rows: list[dict]) -> None:
@@ -548,8 +569,9 @@ def parse_args() -> argparse.Namespace:
                         help="seconds from the process start; rows that would not fit are skipped")
     parser.add_argument("--repeats", type=int, default=None, help="timed decode runs per row (default 3; smoke 1)")
     parser.add_argument("--out", type=Path, help="write every figure as JSON here")
-    parser.add_argument("--train-only", action="store_true",
-                        help="the training rows only (the compiled one, which the full run reaches last, included)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="instead of the full run: the compiled rows (training's deeper passes, decoding's "
+                             "static steps) beside their eager references")
     return parser.parse_args()
 
 
@@ -557,9 +579,9 @@ class Run:
     """The rows of one run, each attempted in turn under the budget, and what they gave (`results`)."""
 
     def __init__(self, setup: Setup, device: torch.device, dtype: torch.dtype, budget: Budget,
-                 train_only: bool = False) -> None:
+                 compiled: bool = False) -> None:
         self.setup, self.device, self.dtype, self.budget = setup, device, dtype, budget
-        self.train_only = train_only
+        self.compiled = compiled
         self.results = dict(environment=environment(device, setup, dtype, budget), decode=[], train=[],
                             skipped=[], errors=[])
         self.decode: Decode | None = None
@@ -622,12 +644,14 @@ class Run:
 
     def all_rows(self) -> None:
         """The rows, most important and surest first: HF eager and tah's own decode rows, training, the
-        HF static-cache compiles, the rest, the compiled training row (its compile may take minutes)."""
-        if self.train_only:
-            self.train_rows(TRAIN_ROWS)
-            return
+        HF static-cache compiles, the rest. `--compiled` runs the compiled rows (`compile_deep_passes`,
+        `compile_decode_steps`) with their references instead: their compiles may take minutes."""
         self.decode = self.attempt("build the decode models", lambda: Decode(self.setup, self.device, self.dtype))
-        core, extra = decode_rows(self.decode) if self.decode else ([], [])
+        core, extra = decode_rows(self.decode, self.compiled) if self.decode else ([], [])
+        if self.compiled:  # the compiled rows and their eager references, training first
+            self.train_rows(["sft", "stage1_10%", COMPILED])
+            self.decode_rows(core + extra)
+            return
         self.decode_rows(core)
         if not ENGINE_KEYWORD:
             for b in self.setup.batches:
@@ -635,7 +659,6 @@ class Run:
                     "tah.generate takes no engine= keyword: its one engine is the auto rows'")))
         self.train_rows([key for key in TRAIN_ROWS if key != COMPILED])
         self.decode_rows(extra)
-        self.train_rows([COMPILED])
 
 
 def decode_summary(record: dict) -> str:
@@ -671,7 +694,7 @@ def main() -> int:
     setup = SMOKE if args.smoke else FULL
     if args.repeats is not None:
         setup = Setup(**{**asdict(setup), "repeats": max(args.repeats, 1)})
-    run = Run(setup, torch.device(args.device), getattr(torch, args.dtype), budget, args.train_only)
+    run = Run(setup, torch.device(args.device), getattr(torch, args.dtype), budget, args.compiled)
     log(budget, f"bench_gpu on {run.results['environment'].get('gpu', args.device)}: torch {torch.__version__}, "
                 f"transformers {transformers.__version__}, tah.generate engine= keyword: {ENGINE_KEYWORD}")
     try:

@@ -2,7 +2,7 @@
 # Issue 26's GPU checks in one run (the device tool's H200, or any CUDA machine with torch and
 # transformers installed): the environment, `pytest -m gpu`, then benchmarks/bench_gpu.py.
 # Usage: bash benchmarks/gpu_session.sh [BENCH_BUDGET_S]   (logs and JSON under $OUT, else ./gpu-out;
-# TRAIN_BUDGET_S=200: the budget of the second, --train-only run;
+# COMPILED_BUDGET_S=240: the budget of the second run, bench_gpu.py --compiled (0 skips it);
 # BENCH_ARGS="--smoke --device cpu" dry-runs it on a CPU; PROFILE=1 adds profile_gpu_train.py and profile_gpu_decode.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 budget=${1:-270}
-TRAIN_BUDGET_S=${TRAIN_BUDGET_S:-200}
+COMPILED_BUDGET_S=${COMPILED_BUDGET_S:-240}
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, \
 '| cuda', torch.version.cuda, torch.cuda.is_available())"
@@ -23,14 +23,16 @@ timeout $((budget + 40)) python3 benchmarks/bench_gpu.py --budget-s "$budget" --
 echo "bench_gpu.py: exit $?, $((SECONDS - start)) s"
 grep -E "Error|error|SKIPPED|Traceback" "$OUT/bench_gpu.log" | head -20
 tail -c 7000 "$OUT/bench_gpu.log"
-# The training rows again, the compiled deeper passes (compile_deep_passes) included: the full run reaches
-# that row last and its compile may not fit the budget left there
-start=$SECONDS
-timeout $((TRAIN_BUDGET_S + 40)) python3 benchmarks/bench_gpu.py --train-only --budget-s "$TRAIN_BUDGET_S" \
-  --out "$OUT/bench_gpu_train.json" ${BENCH_ARGS:-} > "$OUT/bench_gpu_train.log" 2>&1
-echo "bench_gpu.py --train-only: exit $?, $((SECONDS - start)) s"
-grep -E "Error|error|SKIPPED|Traceback|warm-up" "$OUT/bench_gpu_train.log" | head -20
-grep -A9 "^training step" "$OUT/bench_gpu_train.log"
+# The compiled rows (compile_deep_passes, compile_decode_steps) beside their eager references: their
+# compiles would not fit the full run's budget
+if [ "$COMPILED_BUDGET_S" -gt 0 ]; then
+  start=$SECONDS
+  timeout $((COMPILED_BUDGET_S + 40)) python3 benchmarks/bench_gpu.py --compiled --budget-s "$COMPILED_BUDGET_S" \
+    --out "$OUT/bench_gpu_compiled.json" ${BENCH_ARGS:-} > "$OUT/bench_gpu_compiled.log" 2>&1
+  echo "bench_gpu.py --compiled: exit $?, $((SECONDS - start)) s"
+  grep -E "Error|error|SKIPPED|Traceback|warm-up|compile" "$OUT/bench_gpu_compiled.log" | head -20
+  tail -c 5000 "$OUT/bench_gpu_compiled.log"
+fi
 if [ -n "${PROFILE:-}" ]; then  # where a stage-1 step's time goes (host vs device), after the bench
   start=$SECONDS
   timeout 120 python3 benchmarks/profile_gpu_train.py --top 12 > "$OUT/profile_train.log" 2>&1

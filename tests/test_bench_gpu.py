@@ -46,7 +46,7 @@ def test_every_row_of_both_tables_is_measured(smoke):
     setup = figures["environment"]["setup"]
     decode = {(r["batch"], r["key"]): r for r in figures["decode"]}
     assert set(decode) == expected_decode_rows(setup["batches"])
-    assert [r["key"] for r in figures["train"]] == ["sft", "stage1_0%", "stage1_10%", "stage2", "stage1_10%_compiled"]
+    assert [r["key"] for r in figures["train"]] == ["sft", "stage1_0%", "stage1_10%", "stage2"]
     assert "decode: prompt" in stdout and "training step: batch" in stdout
     for r in figures["decode"]:
         assert r["label"] in stdout
@@ -87,6 +87,31 @@ def test_training_figures_are_sane_ratios(smoke):
     assert rows["sft"]["vs_sft"] == 1.0
     assert rows["stage1_10%"]["trainable_params"] > rows["sft"]["trainable_params"]  # the base and the LoRA
     assert rows["stage2"]["loss"] != rows["stage1_10%"]["loss"]  # the decider's BCE, not the LM's CE
+
+
+def test_compiled_rows_run_beside_their_references(tmp_path):
+    """--compiled: compile_deep_passes and compile_decode_steps (inductor, here on CPU) each measured
+    beside the eager row it is a ratio of, in one run."""
+    out = tmp_path / "compiled.json"
+    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--device", "cpu", "--compiled", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    figures = json.loads(out.read_text())
+    assert figures["errors"] == [] and figures["skipped"] == []
+    assert [r["key"] for r in figures["train"]] == ["sft", "stage1_10%", "stage1_10%_compiled"]
+    compiled_train = figures["train"][-1]
+    assert positive(compiled_train["vs_sft"]) and compiled_train["warmup_s"] > 0
+    batches = figures["environment"]["setup"]["batches"]
+    decode = {(r["batch"], r["key"]): r for r in figures["decode"]}
+    keys = ("never", "10%", "never_compiled", "10%_compiled")
+    assert set(decode) == {(b, k) for b in batches for k in keys} | {(batches[0], "hf_static")}
+    for b in batches:
+        assert decode[b, "10%_compiled"]["vs_never_engine"] == "compiled"
+        for key in keys:
+            assert decode[b, key]["engine_used"] == "static", (b, key)
+            assert decode[b, key]["new_tokens_made"] == figures["environment"]["setup"]["new_tokens"]
+            assert key == "never" or positive(decode[b, key]["vs_never"]), (b, key)
+        assert decode[b, "10%_compiled"]["iterated"] == decode[b, "10%"]["iterated"] > 0
 
 
 @pytest.mark.parametrize("script, args, expected", [

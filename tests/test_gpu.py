@@ -217,3 +217,25 @@ def check_static_equals_eager(device) -> None:
 
 def test_static_engine_equals_eager_engine():
     check_static_equals_eager(CUDA)
+
+
+def check_compiled_static_equals_eager(device) -> None:
+    """`compile_decode_steps`: inductor's fused step kernels, captured in CUDA graphs, decode the
+    eager engine's tokens and pass counts (float32: fusion may only change rounding)."""
+    if not ENGINE_KEYWORD:
+        pytest.skip("tah.generate takes no engine= keyword (no static engine in this tah)")
+    model = strong_model("mlp").to(device)
+    model.set_threshold(0.4)
+    ids, mask = (t.to(device) for t in left_padded([5, 9, 3, 7], seed=4))
+    eager = generate(model, ids, mask, max_new_tokens=24, eos_token_id=7, engine="eager")
+    model.compile_decode_steps()
+    try:
+        for call in ("first", "second"):  # compile + capture, then replay
+            static = generate(model, ids, mask, max_new_tokens=24, eos_token_id=7, engine="static")
+            assert_same_decoding(static, eager, f"compiled steps, {call} call")
+    finally:
+        model.compile_decode_steps(enabled=False)
+
+
+def test_compiled_static_engine_equals_eager_engine():
+    check_compiled_static_equals_eager(CUDA)

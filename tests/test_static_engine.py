@@ -218,3 +218,31 @@ def test_a_streamer_gets_every_token_with_its_passes_then_the_end(engine):
     assert recorder.tokens == new[:len(recorder.tokens)] and len(recorder.tokens) == int((out.iter_counts > 0).sum())
     assert recorder.passes == out.iter_counts[0, :len(recorder.passes)].tolist()
     assert 2 in recorder.passes and recorder.ended
+
+
+@torch.no_grad()
+def test_compiled_steps_decode_the_tokens_of_the_plain_loop():
+    """`compile_decode_steps`: both steps through inductor (fused kernels, what a GPU graph would
+    capture) give the plain loop's tokens and pass counts, and a runner built before the switch
+    is not reused."""
+    model = strong_model(decider="mlp")
+    model.set_threshold(0.4)
+    ids, mask = left_padded([5, 7], seed=4)
+    expected = generate_reference(model, ids, mask, max_new_tokens=24)
+    generate(model, ids, mask, max_new_tokens=24, engine="static")
+    eager_runner = next(iter(model._static_runners.values()))
+    model.compile_decode_steps()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # (reset keeps the counts of earlier tests' compiles)
+    try:
+        out = generate(model, ids, mask, max_new_tokens=24, engine="static")
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs == 2  # the plain and the fused step, each compiled whole
+    assert out.stats.deep_steps > 0 and out.stats.shallow_steps > 0
+    assert torch.equal(out.sequences, expected.sequences)
+    assert torch.equal(out.iter_counts, expected.iter_counts)
+    assert next(reversed(model._static_runners.values())) is not eager_runner
+    model.compile_decode_steps(enabled=False)
+    assert static_engine.compile_options(model) is None

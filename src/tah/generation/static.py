@@ -17,6 +17,10 @@ the tokens emitted, to stop rows (EOS, max_new_tokens, stop strings) and to choo
 kind. Greedy tokens and pass counts equal the plain one-forward-per-token loop (tests hold them
 against it). Scope: greedy decoding with max_iter <= 2; `tah.generate(engine="auto")` takes the
 eager engine (`engine.py`) otherwise. On CPU the same steps run without graphs (what tests check).
+
+After `TaHForCausalLM.compile_decode_steps()`, each step function goes through `torch.compile`
+(fullgraph; inductor unless told otherwise) before its capture, so that a graph replays fused
+kernels (norms, rotary, the elementwise work), as HF's compiled static-cache `generate` does.
 """
 
 from __future__ import annotations
@@ -85,6 +89,9 @@ class StaticRunner:
         self.fused_depth = torch.tensor([[1, 0]], **long).expand(batch, 2)
         self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.settings = _settings_key(model)
+        options = compile_options(model)
+        # compiled once per runner and step kind (and again after `grow`); the graph captures the compiled code
+        self._step = self._run if options is None else torch.compile(self._run, fullgraph=True, **options)
 
     # -- host side -----------------------------------------------------------------------------
     def load(self, cache: TaHCache, first: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> None:
@@ -100,7 +107,7 @@ class StaticRunner:
         """One step (replayed from its graph once captured); results in `self.out`."""
         kind = "fused" if fused else "plain"
         if not self.graphs:
-            self._run(kind)
+            self._step(kind)
             return
         graph = self._graphs.get(kind)
         if graph is None:
@@ -110,7 +117,7 @@ class StaticRunner:
                 warnings.warn(f"tah: CUDA graph capture of the {kind} decode step failed ({error}); "
                               "decoding goes on without CUDA graphs (slower)", stacklevel=2)
                 self.graphs = False
-                self._run(kind)
+                self._step(kind)
                 return
         graph.replay()
 
@@ -137,12 +144,12 @@ class StaticRunner:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._run(kind)
+                self._step(kind)  # (a compiled step compiles here, before the capture)
             torch.cuda.current_stream().wait_stream(side)
             self._restore(saved)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._run(kind)
+                self._step(kind)
         finally:
             self._restore(saved)  # capture itself runs nothing, but a failed warm-up may have
         return graph
@@ -211,9 +218,15 @@ class StaticRunner:
 
 
 def _settings_key(model) -> tuple:
-    """What a captured graph bakes in besides its buffers: the decider and its threshold, max_iter."""
+    """What a captured graph bakes in besides its buffers: the decider and its threshold, max_iter,
+    and whether (and how) its steps are compiled."""
     config = model.tah_config
-    return id(model.decider), config.threshold, config.max_iter, config.input_topk
+    return id(model.decider), config.threshold, config.max_iter, config.input_topk, repr(compile_options(model))
+
+
+def compile_options(model) -> dict | None:
+    """torch.compile's options for the steps (`TaHForCausalLM.compile_decode_steps`), None: eager steps."""
+    return model.__dict__.get("_decode_compile")
 
 
 def rounded_capacity(slots: int) -> int:

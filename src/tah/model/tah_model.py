@@ -175,6 +175,17 @@ class TaHForCausalLM(TaggedPasses, nn.Module):
         for p in self.decider.parameters():
             p.requires_grad_(stage == 2)
 
+    def compile_decode_steps(self, enabled: bool = True, **options) -> None:
+        """Have the static engine (greedy GPU decoding: `generate`'s engine "auto" on CUDA, or
+        "static") compile its two step functions with `torch.compile(fullgraph=True, **options)`
+        (inductor by default) before capturing them in CUDA graphs, so that a step replays fused
+        kernels as HF's compiled static-cache `generate` does. The same tokens as the eager steps
+        (tests). Each runner (batch, cache capacity) compiles once per step kind: minutes on a
+        large model, so for long-lived processes (a server) rather than a few calls; past
+        torch.compile's recompile limit (8 by default) further runners' steps run uncompiled.
+        `enabled=False` turns it off again. Not measured on a GPU yet (issue 26)."""
+        self.__dict__["_decode_compile"] = options if enabled else None  # runners built after this see it
+
     def merge_lora(self) -> None:
         """Fold each adapter into a per-depth weight copy (inference only)."""
         for module in self.lora.values():
