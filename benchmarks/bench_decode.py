@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 1.0])
     parser.add_argument("--draft-candidates", type=int, choices=range(1, MAX_DRAFT_CANDIDATES + 1), default=None,
                         help="drafts beside a hard token (tah.generate's draft_candidates: 2 or more add the "
-                             "depth-0 runner-ups; default: tah.generate's, 3 at batch 1 and 1 above)")
+                             "depth-0 runner-ups; default: tah.generate's, 2 at batch 1 and 1 above)")
     parser.add_argument("--pack-real-share", type=float, default=lora.PACK_REAL_SHARE,
                         help="decode steps with at most this share of real queries run the linears on "
                              "those only (tah.model.lora.PACK_REAL_SHARE; 0 = never)")

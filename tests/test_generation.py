@@ -29,18 +29,18 @@ def test_greedy_equals_the_reference_loop_fused_and_unfused(max_iter, decider):
     reference = generate_reference(model, ids, mask, max_new_tokens=24, eos_token_id=7)
     assert (reference.iter_counts > 1).any() and (reference.iter_counts == 1).any()
     stats = {}
-    for fused, candidates in ((True, 1), (True, 2), (True, 4), (False, None)):  # batch 1's default (3): below
+    for fused, candidates in ((True, 1), (True, 3), (True, 4), (False, None)):  # batch 1's default (2): below
         out = generate(model, ids, mask, max_new_tokens=24, eos_token_id=7, fused=fused,
                        draft_candidates=candidates)
         assert torch.equal(out.sequences, reference.sequences), f"fused={fused}, candidates={candidates}"
         assert torch.equal(out.iter_counts, reference.iter_counts), f"fused={fused}, candidates={candidates}"
         stats[fused, candidates] = out.stats
     assert stats[True, 1].drafts > 0 and stats[False, None].drafts == 0
-    for candidates in (1, 2):
+    for candidates in (1, 3):
         assert stats[True, candidates].forwards < stats[False, None].forwards  # the point of fusing
-    assert stats[True, 2].drafts_accepted >= stats[True, 1].drafts_accepted  # the runner-up's point
-    assert stats[True, 4].drafts_accepted >= stats[True, 2].drafts_accepted
-    for b in range(ids.shape[0]):  # one prompt alone: greedy's batch-1 defaults (three candidates)
+    assert stats[True, 3].drafts_accepted >= stats[True, 1].drafts_accepted  # the runner-ups' point
+    assert stats[True, 4].drafts_accepted >= stats[True, 3].drafts_accepted
+    for b in range(ids.shape[0]):  # one prompt alone: greedy's batch-1 defaults (two candidates)
         real = mask[b].bool()
         alone = generate(model, ids[b:b + 1, real], max_new_tokens=24, eos_token_id=7)
         expected = generate_reference(model, ids[b:b + 1, real], max_new_tokens=24, eos_token_id=7)
@@ -134,11 +134,11 @@ def test_the_runner_up_draft_is_kept_exactly(max_iter):
 
 
 def test_greedy_drafts_the_runner_up_by_default_for_one_prompt_only():
-    """The default draft count: 3 for greedy decoding of one prompt (extra queries are cheap there),
+    """The default draft count: 2 for greedy decoding of one prompt (extra queries are cheap there),
     1 for a batch (on CPU they made steps slower than the rollbacks they saved) and for sampling."""
     model = strong_model(2, rate=0.5)
     ids, mask = left_padded([5, 7], seed=1)
-    assert generate(model, ids[:1], max_new_tokens=6).stats.draft_candidates == 3
+    assert generate(model, ids[:1], max_new_tokens=6).stats.draft_candidates == 2
     assert generate(model, ids, mask, max_new_tokens=6).stats.draft_candidates == 1
     assert generate(model, ids[:1], max_new_tokens=6, do_sample=True, seed=0).stats.draft_candidates == 1
     assert generate(model, ids, mask, max_new_tokens=6, draft_candidates=2).stats.draft_candidates == 2

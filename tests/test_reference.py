@@ -209,7 +209,7 @@ def test_greedy_decoding_matches_the_reference_decoder(decider, max_iter):
 
 
 def test_one_prompt_decodes_as_the_reference_decoder():
-    """A batch of one: greedy's default drafts three candidates a hard token."""
+    """A batch of one: greedy's default drafts two candidates a hard token."""
     model = model64("mlp", 2, lora_std=2.0, seed=1)
     ids, mask, _, _ = batch("left", seed=3)
     prompt = ids[:1, :6]

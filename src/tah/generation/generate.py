@@ -32,9 +32,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     max_new_tokens; the others go on. `fused=False` turns off fused latent iteration (same tokens
     when greedy, same distribution when sampling). `draft_candidates=k` > 1 (greedy, up to
     MAX_DRAFT_CANDIDATES) drafts the depth-0 runner-ups beside the top token, so a deeper pass that
-    picks one costs no extra forward; the tokens are the same either way. The default (None) is 3 for
-    greedy decoding of one prompt, where the extra queries are cheap (4 queries a step ran 0.5% faster
-    than 3 at context 64 on CPU, as the products' BLAS kernels favour even row counts), else 1: on CPU
+    picks one costs no extra forward; the tokens are the same either way. The default (None) is 2 for
+    greedy decoding of one prompt, where the extra queries are cheap (3 queries a step: on an Intel
+    with AVX-512, MKL ran 4-row products twice as long as 3-row ones; on an AMD, which favours even
+    row counts, 3 rows go padded to 4 and a third candidate gained 0.5%), else 1: on CPU
     at batch 8 a third query a row made steps slower than the rollbacks it saved (see
     benchmarks/RESULTS.md); on a GPU, where products are weight-bound at any batch, try 2. Sampling
     takes one draft (its acceptance rule is for one).
@@ -48,7 +49,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     sampler = Sampler(do_sample, temperature, top_k, top_p, min_p, _generator(seed, input_ids.device))
     use_static = _use_static(model, engine, sampler.greedy, fused, draft_candidates, input_ids.device)
     if draft_candidates is None:
-        draft_candidates = 3 if sampler.greedy and input_ids.shape[0] == 1 else 1
+        draft_candidates = 2 if sampler.greedy and input_ids.shape[0] == 1 else 1
     if draft_candidates not in range(1, MAX_DRAFT_CANDIDATES + 1) or draft_candidates > 1 and not sampler.greedy:
         raise InputError(f"draft_candidates must be 1, or up to {MAX_DRAFT_CANDIDATES} with greedy decoding "
                          f"(sampling's acceptance rule takes one draft); got {draft_candidates!r}")

@@ -34,8 +34,8 @@ from tah.kernels.masks import packed_mask
 
 PACKED_QUERIES = 64  # from this many masked queries a row on (any batch, with or without autograd), packed
 DECODE_QUERIES = 3  # a decode step's queries a row (a deep one, two draft candidates): packed, any batch;
-# greedy's batch-1 default now makes 4 (three candidates), which take enable_gqa: in-loop one-off, 144 vs
-# 153 us packed a layer, within noise
+# greedy's batch-1 default (two candidates) makes 3; four (three candidates) take enable_gqa: in-loop one-off,
+# 144 vs 153 us packed a layer, within noise
 
 
 def grouped_attention_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
