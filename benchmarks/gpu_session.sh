@@ -2,7 +2,8 @@
 # Issue 26's GPU checks in one run (the device tool's H200, or any CUDA machine with torch and
 # transformers installed): the environment, `pytest -m gpu`, then benchmarks/bench_gpu.py.
 # Usage: bash benchmarks/gpu_session.sh [BENCH_BUDGET_S]   (logs and JSON under $OUT, else ./gpu-out;
-# COMPILED_BUDGET_S=240: the budget of the second run, bench_gpu.py --compiled (0 skips it);
+# the defaults keep the whole script within the device tool's 600 s a call: 130 + 290 + 170 s at worst;
+# COMPILED_BUDGET_S=150: the budget of the second run, bench_gpu.py --compiled (0 skips it);
 # BENCH_ARGS="--smoke --device cpu" dry-runs it on a CPU; PROFILE=1 adds profile_gpu_train.py and profile_gpu_decode.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -10,15 +11,15 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 budget=${1:-270}
-COMPILED_BUDGET_S=${COMPILED_BUDGET_S:-240}
+COMPILED_BUDGET_S=${COMPILED_BUDGET_S:-150}
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, \
 '| cuda', torch.version.cuda, torch.cuda.is_available())"
 start=$SECONDS
-timeout 150 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rfEs 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
+timeout 130 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rfEs 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
 echo "pytest -m gpu: $((SECONDS - start)) s"
 start=$SECONDS
-timeout $((budget + 40)) python3 benchmarks/bench_gpu.py --budget-s "$budget" --out "$OUT/bench_gpu.json" ${BENCH_ARGS:-} \
+timeout $((budget + 20)) python3 benchmarks/bench_gpu.py --budget-s "$budget" --out "$OUT/bench_gpu.json" ${BENCH_ARGS:-} \
   > "$OUT/bench_gpu.log" 2>&1
 echo "bench_gpu.py: exit $?, $((SECONDS - start)) s"
 grep -E "Error|error|SKIPPED|Traceback" "$OUT/bench_gpu.log" | head -20
@@ -27,7 +28,7 @@ tail -c 7000 "$OUT/bench_gpu.log"
 # compiles would not fit the full run's budget
 if [ "$COMPILED_BUDGET_S" -gt 0 ]; then
   start=$SECONDS
-  timeout $((COMPILED_BUDGET_S + 40)) python3 benchmarks/bench_gpu.py --compiled --budget-s "$COMPILED_BUDGET_S" \
+  timeout $((COMPILED_BUDGET_S + 20)) python3 benchmarks/bench_gpu.py --compiled --budget-s "$COMPILED_BUDGET_S" \
     --out "$OUT/bench_gpu_compiled.json" ${BENCH_ARGS:-} > "$OUT/bench_gpu_compiled.log" 2>&1
   echo "bench_gpu.py --compiled: exit $?, $((SECONDS - start)) s"
   grep -E "Error|error|SKIPPED|Traceback|warm-up|compile" "$OUT/bench_gpu_compiled.log" | head -20
