@@ -272,8 +272,8 @@ class DepthLoRALinear(nn.Module):
         return out
 
     def _base_product(self, x: torch.Tensor) -> torch.Tensor:
-        """base_layer(x) without its module call, through the CPU linear layouts (kernels/cpu/few_rows.py).
-        At inference the layout chosen for x's shape is kept here (with the tensors it was made for: a
+        """base_layer(x) without its module call: at inference on CPU through the linear layouts
+        (kernels/cpu/few_rows.py), under autograd plain F.linear. At inference the layout chosen for x's shape is kept here (with the tensors it was made for: a
         weight replaced by assignment is seen), so a decode step's linear makes no checks or lookups
         beyond this."""
         params = self._base_params
