@@ -74,3 +74,9 @@ def test_demo_rejects_a_seed_count_below_one_before_doing_anything(seeds, tmp_pa
     assert main(["demo", "--out", str(tmp_path / "out"), "--seeds", seeds]) == 2
     assert "--seeds" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_rejects_a_worker_count_below_one_before_doing_anything(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "out"), "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
-"""Round 4 (issue 29): the demo's own pipeline (tah.toy.demo.run_seed) under changed settings.
+"""Round 4 (issue 29): the demo's own pipeline (one seed as `tah demo` runs it: tah.toy.parallel.run_one_seed, one thread)
+under changed settings.
 
     python demo_sweep.py OUT --seeds 0,1,2 --set finetune_steps=400 --set task.terms=[3,3] --set hidden=48
 
@@ -11,6 +12,7 @@ import torch
 from rich.console import Console
 
 from tah.toy.demo import run_seed, summarise
+from tah.toy.parallel import run_one_seed
 from tah.toy.pipeline import DemoSettings
 from tah.toy.verdict import verdict_lines
 
@@ -32,7 +34,8 @@ s.task = replace(s.task, **task)
 console = Console(highlight=False, width=160, stderr=True)
 runs, t0 = [], time.time()
 for seed in map(int, a.seeds.split(",")):
-    run = run_seed(Path(a.out) / f"seed-{seed}", s, seed, console)
+    run = run_one_seed(run_seed, Path(a.out) / f"seed-{seed}", s, seed,
+                       lambda name, seconds: console.print(f"  ✓ {name:<34} {seconds:6.1f} s"))
     runs.append(run)
     print(f"seed {seed}: " + "  ".join(f"{n} {m['answer_accuracy']:.3f}/{m['next_token_accuracy']:.4f}/{m['iterated_share']:.3f}"
                                        for n, m in run["models"].items()), flush=True)

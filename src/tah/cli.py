@@ -15,7 +15,7 @@ from tah.errors import TaHError
 def _demo(args: argparse.Namespace) -> None:
     from tah.toy.demo import run_demo
 
-    run_demo(out=args.out, quick=args.quick, seeds=args.seeds)
+    run_demo(out=args.out, quick=args.quick, seeds=args.seeds, workers=args.workers)
 
 
 # tah.generate's limits, checked here before a model loads (a test holds them equal to generate's).
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="smaller task and model, one seed (1-2 minutes; checks the pipeline)")
     demo.add_argument("--seeds", type=int, default=None,
                       help="repeat with N seeds and report mean ± std (default: 3; 1 with --quick)")
+    demo.add_argument("--workers", type=int, default=None,
+                      help="seeds trained side by side, one CPU thread each (default: all, at most 2 per core); "
+                           "the results do not depend on it")
     demo.set_defaults(run=_demo)
 
     gen = commands.add_parser("generate", help="generate text with a saved TaH model (our or the original layout)",

@@ -201,7 +201,7 @@ def _label_shards(model, dataset, store: ShardStore, todo: list[int], sizes: lis
     with tqdm(total=sum(sizes[i] for i in todo), desc="labelling", unit="row", disable=not progress) as bar:
         for index in todo:
             rows = dataset.select(range(index * shard_size, index * shard_size + sizes[index]))
-            ids, labels = rows["input_ids"], rows["labels"]
+            ids, labels = rows["input_ids"][:], rows["labels"][:]  # lists: a row index into a column reads Arrow anew
             out: list[dict] = [{} for _ in ids]
             order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))  # longest first: OOM shows early
             for start in range(0, len(order), batch_size):

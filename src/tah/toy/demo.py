@@ -17,23 +17,26 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from tah.toy.parallel import default_workers, run_seeds
 from tah.toy.pipeline import DemoSettings, Stages
 from tah.toy.verdict import claims, verdict_lines
 
 MODELS = ("Standard", "AlwaysIterate", "TaH+", "TaH")
 SWEPT = "TaH+"  # the model of sweep.png and samples.html
+STAGES = 19  # the steps run_seed reports: data, init, pretrain, prune, 2 labels, 6 trainings, 4 evaluations, 3 more
 METRICS = ("answer_accuracy", "next_token_accuracy", "iterated_share", "parameters", "flops_per_token", "train_time_s",
            "eval_time_s")
 
 
 def run_demo(out: str | Path = "tah-demo", quick: bool = False, seeds: int | None = None,
-             console: Console | None = None) -> dict:
+             workers: int | None = None, console: Console | None = None) -> dict:
     """The paper's experiment end to end on a toy task, on a CPU, with nothing downloaded. Pretrain a
     tiny Qwen3 on step-by-step arithmetic and prune a layer of it; fine-tune Standard, label the hard
     tokens with it (what one pass still gets wrong or is unsure of), and train AlwaysIterate, TaH+ and
@@ -46,23 +49,29 @@ def run_demo(out: str | Path = "tah-demo", quick: bool = False, seeds: int | Non
         quick: a smaller task and model (1-2 minutes; checks the pipeline).
         seeds: how many seeds (default: 3, or 1 with `quick`); each draws its own problems, initial
             weights and data order, and the tables show mean ± std over them.
+        workers: how many seeds train side by side, each in a process of its own on one CPU thread
+            (default: every seed at once, at most two per CPU core). The results are the same
+            whatever this is: a seed's float rounding depends on the CPU, not on how many threads
+            or neighbours it has.
         console: where the progress and tables go (default: a new rich Console on stdout).
     Returns:
         What results.json holds.
     Raises:
-        InputError: `seeds` below 1, before anything runs.
+        InputError: `seeds` or `workers` below 1, before anything runs.
     """
     from tah.errors import InputError
 
     seeds = (1 if quick else 3) if seeds is None else seeds
     if not isinstance(seeds, int) or seeds < 1:
         raise InputError(f"--seeds must be an integer >= 1; got {seeds!r}")
+    workers = default_workers(seeds) if workers is None else workers
+    if not isinstance(workers, int) or workers < 1:
+        raise InputError(f"--workers must be an integer >= 1; got {workers!r}")
     from transformers.utils import logging as hf_logging
 
     from tah.eval import write_results
 
-    hf_logging.disable_progress_bar()  # weight loading; the Trainer's bar stays (it needs warning level)
-    hf_logging.set_verbosity_warning()
+    hf_logging.disable_progress_bar()  # weight loading; run_seeds draws one bar for all stages
     console = console or Console(highlight=False)
     if not console.is_terminal:  # piped or captured: room for the whole table rather than 80 columns
         console.width = max(console.width, 140)
@@ -70,10 +79,9 @@ def run_demo(out: str | Path = "tah-demo", quick: bool = False, seeds: int | Non
     out = Path(out)
     started = time.perf_counter()
     console.rule(f"tah demo{' --quick' if quick else ''}: Think-at-Hard on step-by-step arithmetic")
-    runs = []
-    for seed in range(seeds):
-        console.print(f"[bold]seed {seed}[/] (of {seeds}) -> {out / f'seed-{seed}'}")
-        runs.append(run_seed(out / f"seed-{seed}", settings, seed, console))
+    console.print(f"{seeds} seed{'s' if seeds > 1 else ''} under {out}/seed-N, {min(workers, seeds)} at a time, "
+                  "one CPU thread each", style="dim")
+    runs = run_seeds(run_seed, STAGES, out, settings, seeds, workers, console)
     results = summarise(runs, settings, quick, time.perf_counter() - started)
     write_results(results, out / "results.json")
     plot_demo_sweep(runs, out / "sweep.png")
@@ -97,8 +105,9 @@ def plot_demo_sweep(runs: list[dict], path: Path) -> None:
                title=f"Decider threshold sweep of {SWEPT} ({seeds}, held-out solutions)")
 
 
-def run_seed(root: Path, settings: DemoSettings, seed: int, console: Console) -> dict:
-    """One seed: every stage, every model, every analysis."""
+def run_seed(root: Path, settings: DemoSettings, seed: int, report: Callable[[str, float], None]) -> dict:
+    """One seed: every stage (`STAGES` of them, each announced by `report(name, seconds)` when done),
+    every model, every analysis. Runs on the calling process's torch threads (see `run_seeds`)."""
     from tah.data import load_labeled
     from tah.toy.tokenizer import build_char_tokenizer
 
@@ -107,9 +116,9 @@ def run_seed(root: Path, settings: DemoSettings, seed: int, console: Console) ->
 
     def step(name: str, action):
         began = time.perf_counter()
-        value = action()  # the stage's own progress bar (Trainer, label, prune) draws on stderr
+        value = action()
         times[name] = time.perf_counter() - began
-        console.print(f"  [green]✓[/] {name:<34} {times[name]:6.1f} s")
+        report(name, times[name])
         return value
 
     train, heldout = step("data: problems + tokenizer", stages.data)
