@@ -46,6 +46,11 @@ class TaskConfig:
     width: 0 writes numbers as they are; > 0 writes every number with `width` digits, zero-padded
     ("047+038=0085"), so that digits of equal place sit at equal offsets and a small model learns
     the carries in hundreds of steps rather than thousands (it must hold the largest sum).
+    carry_chains: the chance that a digit of each added operand is set so that its place passes a
+    carry straight through (the digits sum to 9; for "-", equal digits pass a borrow). A result
+    digit above such a place depends on a carry decided two or more places down, which is what a
+    3-layer pass still gets wrong after training (experiments/toy-depth, round 7): this makes those
+    tokens common enough to learn. 0 draws the problems of earlier versions, digit for digit.
     """
 
     terms: tuple[int, int] = (3, 4)
@@ -56,6 +61,7 @@ class TaskConfig:
     heldout_fraction: float = 0.1
     seed: int = 0
     width: int = 0
+    carry_chains: float = 0.0
 
     def __post_init__(self) -> None:
         for name, low in (("terms", 2), ("digits", 1)):
@@ -67,6 +73,8 @@ class TaskConfig:
             object.__setattr__(self, name, tuple(value))
         if not self.ops or set(self.ops) - {"+", "-"}:
             raise InputError(f"TaskConfig.ops must be made of '+' and '-'; got {self.ops!r}")
+        if not isinstance(self.carry_chains, int | float) or not 0.0 <= self.carry_chains <= 1.0:
+            raise InputError(f"TaskConfig.carry_chains must be in [0, 1]; got {self.carry_chains!r}")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise InputError(f"TaskConfig.heldout_fraction must be in (0, 1); got {self.heldout_fraction!r}")
         largest = self.terms[1] * (10 ** self.digits[1] - 1)
@@ -175,13 +183,30 @@ def _draw(rng: random.Random, config: TaskConfig) -> Problem:
 
     operands = [operand() for _ in range(rng.randint(*config.terms))]
     ops, total = [], operands[0]
-    for x in operands[1:]:
+    for i, x in enumerate(operands[1:], start=1):
         op = rng.choice(config.ops)
+        if config.carry_chains:  # only then: with 0, the draws of earlier versions
+            x = operands[i] = _pass_through(rng, total, x, op, config.carry_chains)
         if op == "-" and x > total:  # keep every intermediate result >= 0
             op = "+"
         total = total + x if op == "+" else total - x
         ops.append(op)
     return solve(operands, ops, config.width)
+
+
+def _pass_through(rng: random.Random, total: int, x: int, op: str, chance: float) -> int:
+    """`x` with each of its digits, with probability `chance`, replaced by the digit that makes its
+    place pass a carry (op "+": the two digits sum to 9) or a borrow ("-": equal digits) straight
+    through; the leading digit stays non-zero, so `x` keeps its length."""
+    digits = [int(d) for d in str(x)]
+    for place in range(len(digits)):  # 0 = the lowest place
+        if rng.random() < chance:
+            theirs = total // 10**place % 10
+            digit = 9 - theirs if op == "+" else theirs
+            index = len(digits) - 1 - place
+            if digit or index or len(digits) == 1:
+                digits[index] = digit
+    return int("".join(map(str, digits)))
 
 
 def extract_answer(text: str) -> int | None:
