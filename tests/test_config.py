@@ -15,7 +15,8 @@ from tah.config import DECIDERS
 NON_DEFAULT = dict(max_iter=3, input_topk=7, lora_rank=2, lora_alpha=5.0, lora_dropout=0.25,
                    lora_target_modules=["q_proj", "v_proj"], lora_per_depth=True, decider="random",
                    random_rate=0.3, seed=11, decider_layers=[0, 2], decider_hidden_dims=[8, 4],
-                   decider_topk=5, decider_expansion=3, decider_dropout=0.1, threshold=0.7, pos_weight=2.5)
+                   decider_topk=5, decider_expansion=3, decider_dropout=0.1, threshold=0.7, pos_weight=2.5,
+                   hard_token_weight=3.0)
 # Stage 2 trains the MLP decider, so it cannot be combined with a non-default decider.
 STAGE2 = {**NON_DEFAULT, "decider": "mlp", "training_stage": 2}
 
@@ -82,6 +83,7 @@ INVALID = [
     ("decider_layers", [-1]),
     ("decider_hidden_dims", []),
     ("pos_weight", 0),
+    ("hard_token_weight", 0),
 ]
 
 

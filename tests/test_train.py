@@ -107,6 +107,7 @@ def test_every_shipped_recipe_loads():
     ("training.save_total_limit=0", "training.save_total_limit"),
     ("training.dataloader_num_workers=-1", "training.dataloader_num_workers"),
     ("training.stop_at_loss=0", "training.stop_at_loss"),
+    ("tah.hard_token_weight=0", "hard_token_weight"),
 ])
 def test_bad_recipe_fails_before_any_model_loads(setting, named, monkeypatch, capsys):
     def no_model(*args, **kwargs):
@@ -118,6 +119,12 @@ def test_bad_recipe_fails_before_any_model_loads(setting, named, monkeypatch, ca
         load_recipe(RECIPES / "stage1.yaml", [setting])
     assert main(["train", "--config", str(RECIPES / "stage1.yaml"), "--set", setting]) == 2
     assert named in capsys.readouterr().err
+
+
+def test_hard_token_weight_is_refused_for_a_baseline_which_trains_without_labels():
+    with pytest.raises(ConfigError, match=r"tah\.hard_token_weight.*baseline 'always'"):
+        load_recipe(RECIPES / "always.yaml", ["tah.hard_token_weight=3"])
+    assert load_recipe(RECIPES / "stage1.yaml", ["tah.hard_token_weight=3"]).tah_config().hard_token_weight == 3.0
 
 
 def test_numbers_in_any_spelling_are_accepted_from_set():

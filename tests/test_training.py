@@ -319,3 +319,30 @@ def test_our_lm_head_linear_has_linears_gradients():
     assert torch.autograd.gradcheck(lambda h, w: _HeadLinear.apply(h, w, None), (hidden, weight))
     grad_weight = torch.autograd.grad(_HeadLinear.apply(hidden, weight, None).square().sum(), weight)[0]
     assert grad_weight.is_contiguous() and grad_weight._base is None
+
+
+@pytest.mark.parametrize("num_items", [None, 40])
+def test_hard_token_weight_scales_the_ce_of_the_labelled_hard_tokens(num_items):
+    """Stage 1 with `hard_token_weight` w: (sum of CE over supervised tokens, the hard ones counted w
+    times) / (their count, or HF's num_items_in_batch), the original code's weighted loss."""
+
+    ids, mask = left_padded([12, 9, 12])
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100  # a prompt
+    gen = torch.Generator().manual_seed(3)
+    iter_labels = torch.where(torch.rand(ids.shape, generator=gen) < 0.3, 2, 1).masked_fill(mask == 0, -100)
+    model = tiny_tah(decider="oracle").train()
+    extra = {} if num_items is None else {"num_items_in_batch": num_items}
+    plain = model(input_ids=ids, attention_mask=mask, labels=labels, iter_labels=iter_labels, **extra)
+    model.tah_config = model.tah_config.replace(hard_token_weight=3.0)
+    weighted = model(input_ids=ids, attention_mask=mask, labels=labels, iter_labels=iter_labels, **extra)
+
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    ce = F.cross_entropy(weighted.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                         reduction="none").view_as(targets)
+    hard = (iter_labels >= 2) & (targets != -100)
+    count = (targets != -100).sum() if num_items is None else num_items
+    torch.testing.assert_close(weighted.logits, plain.logits)  # the forward is the same; only the loss weighs
+    torch.testing.assert_close(plain.loss, ce.sum() / count)
+    torch.testing.assert_close(weighted.loss, (ce.sum() + 2.0 * ce[hard].sum()) / count)
+    assert hard.any() and weighted.loss > plain.loss

@@ -44,6 +44,9 @@ class TaHConfig:
     threshold: float = 0.9  # continue iff sigmoid(decider logit) > threshold
     training_stage: int = 1  # 1: next-token CE, base + LoRA train; 2: decider BCE only
     pos_weight: float = 5.0  # stage 2 BCE weight of the "continue" class
+    # stage 1: CE weight of the tokens the labels send to a second pass (the original code's
+    # `hard_token_relative_weight`); 1.0, the paper's recipes, weighs every token alike
+    hard_token_weight: float = 1.0
 
     def __post_init__(self) -> None:
         hints = type_hints(TaHConfig)
@@ -81,6 +84,7 @@ class TaHConfig:
         if self.training_stage not in (1, 2):
             raise ConfigError(f"training_stage must be 1 (LM + LoRA) or 2 (decider); got {self.training_stage!r}")
         _check_number(self, "pos_weight", low=0.0, low_open=True)
+        _check_number(self, "hard_token_weight", low=0.0, low_open=True)
         if self.training_stage == 2 and self.decider != "mlp":
             raise ConfigError(f"training_stage 2 trains the MLP decider, so decider must be 'mlp'; got {self.decider!r}")
 

@@ -331,11 +331,13 @@ class TaHForCausalLM(TaggedPasses, nn.Module):
         labels, num_items_in_batch = call.labels, call.num_items_in_batch
         if labels is None:
             return None, None, None
-        shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
-        if num_items_in_batch is None:
-            return F.cross_entropy(sums.float(), shifted.flatten(), ignore_index=-100), None, None
-        loss = F.cross_entropy(sums.float(), shifted.flatten(), ignore_index=-100, reduction="sum")
-        return loss / num_items_in_batch, None, None
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+        losses = F.cross_entropy(sums.float(), shifted, ignore_index=-100, reduction="none")  # (B * T,), 0 where ignored
+        weight = self.tah_config.hard_token_weight
+        if weight != 1.0 and call.iter_labels is not None:
+            losses = torch.where(call.iter_labels.flatten() >= 2, losses * weight, losses)
+        count = (shifted != -100).sum() if num_items_in_batch is None else num_items_in_batch
+        return losses.sum() / count, None, None
 
     def _shared_head(self, every_token: bool) -> SharedHead | None:
         """A SharedHead for this forward when its two passes' LM heads may share their products: a

@@ -153,7 +153,8 @@ def run_seed(root: Path, settings: DemoSettings, seed: int, report: Callable[[st
     for name, start in (("TaH+", base), ("TaH", pruned)):
         tag = name.lower().replace("+", "-plus")
         stage1 = step(f"train: {name} stage 1", lambda start=start, name=name, tag=tag: fit(
-            name, "stage1", f"{tag}-stage1", start, s.finetune_steps, s.finetune_lr, **decider))
+            name, "stage1", f"{tag}-stage1", start, s.finetune_steps, s.finetune_lr, **decider,
+            **{"tah.hard_token_weight": s.hard_token_weight}))
         finals[name] = step(f"train: {name} stage 2 (decider)", lambda stage1=stage1, name=name, tag=tag: fit(
             name, "stage2", f"{tag}-stage2", stage1, s.decider_steps, s.decider_lr, **decider))
 

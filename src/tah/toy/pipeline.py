@@ -73,6 +73,7 @@ class DemoSettings:
     decider_lr: float = 3e-3
     lora_rank: int = 8  # AlwaysIterate's and TaH's depth-1 adapters (alpha = 2 x rank, as the recipes)
     pos_weight: float = 5.0  # the paper's: a missed hard token costs more than a wasted pass
+    hard_token_weight: float = 1.0  # TaH stage 1's CE weight of the labelled hard tokens (`tah.hard_token_weight`)
     threshold: float = 0.5
     label_confidence: float | None = 0.9  # `tah label --confidence`: the tokens the reference is unsure of are hard too
     label_prompt_easy: bool = True  # `tah label --prompt-easy`
