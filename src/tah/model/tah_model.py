@@ -332,10 +332,14 @@ class TaHForCausalLM(TaggedPasses, nn.Module):
         if labels is None:
             return None, None, None
         shifted = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
-        losses = F.cross_entropy(sums.float(), shifted, ignore_index=-100, reduction="none")  # (B * T,), 0 where ignored
         weight = self.tah_config.hard_token_weight
-        if weight != 1.0 and call.iter_labels is not None:
-            losses = torch.where(call.iter_labels.flatten() >= 2, losses * weight, losses)
+        if weight == 1.0 or call.iter_labels is None:  # the paper's loss, in one fused call
+            if num_items_in_batch is None:
+                return F.cross_entropy(sums.float(), shifted, ignore_index=-100), None, None
+            loss = F.cross_entropy(sums.float(), shifted, ignore_index=-100, reduction="sum")
+            return loss / num_items_in_batch, None, None
+        losses = F.cross_entropy(sums.float(), shifted, ignore_index=-100, reduction="none")  # (B * T,), 0 where ignored
+        losses = torch.where(call.iter_labels.flatten() >= 2, losses * weight, losses)
         count = (shifted != -100).sum() if num_items_in_batch is None else num_items_in_batch
         return losses.sum() / count, None, None
 
