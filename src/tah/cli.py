@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the paper's experiment end to end on a toy task (CPU, nothing downloaded)",
                                calls="tah.toy.demo:run_demo")
     demo.add_argument("--out", default="tah-demo", help="output directory (default: tah-demo)")
-    demo.add_argument("--quick", action="store_true", help="smaller task and model, one seed (1-2 minutes; checks the pipeline)")
+    demo.add_argument("--quick", action="store_true", help="smaller task and model, one seed (2-3 minutes; checks the pipeline)")
     demo.add_argument("--seeds", type=int, default=None,
                       help="repeat with N seeds and report mean ± std (default: 3; 1 with --quick)")
     demo.add_argument("--workers", type=int, default=None,

@@ -46,7 +46,7 @@ def run_demo(out: str | Path = "tah-demo", quick: bool = False, seeds: int | Non
 
     Args:
         out: the output directory.
-        quick: a smaller task and model (1-2 minutes; checks the pipeline).
+        quick: a smaller task and model (2-3 minutes; checks the pipeline).
         seeds: how many seeds (default: 3, or 1 with `quick`); each draws its own problems, initial
             weights and data order, and the tables show mean ± std over them.
         workers: how many seeds train side by side, each in a process of its own on one CPU thread
