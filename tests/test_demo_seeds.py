@@ -57,4 +57,4 @@ def test_a_failing_seed_raises_its_error_in_the_caller(tmp_path):
     broken.label_reference = "standard"
     broken.finetune_lr = -1.0  # the recipe refuses it at Standard's fine-tune, after pretraining and pruning
     with pytest.raises(TaHError, match="learning_rate must be > 0"):
-        run_seeds(run_seed, STAGES, tmp_path, broken, seeds=2, workers=2, console=Console(file=open("/dev/null", "w")))
+        run_seeds(run_seed, STAGES, tmp_path, broken, seeds=2, workers=2, console=Console(quiet=True))

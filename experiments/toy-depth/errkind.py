@@ -8,18 +8,13 @@ import collections
 import re
 import sys
 import torch
+from heldout import heldout_batch
+
 from tah import TaHForCausalLM
-from tah.data import TaHCollator, load_labeled
 from tah.toy.tokenizer import build_char_tokenizer
-torch.set_num_threads(1)
 root = sys.argv[1]
 tok = build_char_tokenizer()
-data = load_labeled(f"{root}/data/labeled-heldout")
-batch = TaHCollator(0)([data[i] for i in range(len(data))])
-answer = torch.zeros_like(batch["labels"], dtype=torch.bool)
-answer[:, :-1] = batch["labels"][:, 1:] != -100
-target = torch.full_like(batch["labels"], -1)
-target[:, :-1] = batch["input_ids"][:, 1:]
+batch, answer, target = heldout_batch(root)
 def pred(name):
     m = TaHForCausalLM.from_pretrained(f"{root}/runs/{name}/final").eval()
     with torch.no_grad():

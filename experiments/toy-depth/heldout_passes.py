@@ -7,17 +7,12 @@ import sys
 
 import torch
 
-from tah import TaHForCausalLM
-from tah.data import TaHCollator, load_labeled
+from heldout import heldout_batch
 
-torch.set_num_threads(1)
+from tah import TaHForCausalLM
+
 root = sys.argv[1]
-data = load_labeled(f"{root}/data/labeled-heldout")
-batch = TaHCollator(0)([data[i] for i in range(len(data))])
-answer = torch.zeros_like(batch["labels"], dtype=torch.bool)
-answer[:, :-1] = batch["labels"][:, 1:] != -100
-target = torch.full_like(batch["labels"], -1)
-target[:, :-1] = batch["input_ids"][:, 1:]
+batch, answer, target = heldout_batch(root)
 labels = batch["iter_labels"]
 
 

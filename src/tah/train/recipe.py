@@ -113,10 +113,10 @@ class Recipe:
             raise ConfigError(f"baseline must be one of {list(BASELINES)}; got {self.baseline!r}")
         if self.baseline and self.stage == 2:
             raise ConfigError(f"baseline {self.baseline!r} has no decider to train: use stage 1")
-        if self.baseline and _tah_section(self.tah).get("hard_token_weight", 1.0) != 1.0:
+        _positive(self, "max_length", prefix="")
+        if self.baseline and self.tah_config().hard_token_weight != 1.0:  # raises ConfigError on a bad tah.* field
             raise ConfigError(f"tah.hard_token_weight weighs the labelled hard tokens, and baseline {self.baseline!r} "
                               "trains without labels: drop the key, or train TaH (no baseline)")
-        _positive(self, "max_length", prefix="")
         self.tah_config()  # raises ConfigError naming a bad tah.* field
         self.training.validate()
 
