@@ -13,7 +13,7 @@ import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, TrainingArguments
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainingArguments
 
 from conftest import tiny_lm, tiny_tah
 from tah import ConfigError, TaHForCausalLM
@@ -108,6 +108,7 @@ def test_every_shipped_recipe_loads():
     ("training.dataloader_num_workers=-1", "training.dataloader_num_workers"),
     ("training.stop_at_loss=0", "training.stop_at_loss"),
     ("tah.hard_token_weight=0", "hard_token_weight"),
+    ("training.base_lr_ratio=0", "training.base_lr_ratio"),
 ])
 def test_bad_recipe_fails_before_any_model_loads(setting, named, monkeypatch, capsys):
     def no_model(*args, **kwargs):
@@ -256,6 +257,30 @@ def test_stop_at_loss_ends_the_run_at_the_first_log_that_reaches_it(workspace):
                                                                  **{"training.stop_at_loss": target})))
     assert stop < len(full) and stopped == full[:stop]
     assert (out / "final" / "config.json").is_file()
+
+
+def test_base_lr_ratio_moves_the_base_weights_at_that_share_of_the_rate(workspace):
+    """`training.base_lr_ratio`: the base model's own weights train at that share of the learning rate,
+    the LoRA adapters at all of it. One AdamW step from the same start on the same batch: every base
+    weight moves by the ratio times what it moves at ratio 1, every adapter by the same amount."""
+    from tah.train.trainer import is_base_weight
+
+    base_lm = AutoModelForCausalLM.from_pretrained(workspace["model"])
+    start = TaHForCausalLM.from_base(base_lm, load_recipe(RECIPES / "stage1.yaml").tah_config()).state_dict()
+    one_step = {"training.max_steps": 1, "training.warmup_ratio": 0, "training.save_steps": 1}
+    moved = {}
+    for ratio in (1.0, 0.25):
+        out = workspace["root"] / f"ratio-{ratio}"
+        run_train("stage1.yaml", overrides(workspace, out, **one_step, **{"training.base_lr_ratio": ratio}))
+        final = TaHForCausalLM.from_pretrained(out / "final").state_dict()
+        moved[ratio] = {name: final[name] - start[name] for name in final if not name.startswith("lm.lm_head")}
+    base = [name for name in moved[1.0] if is_base_weight(name)]
+    adapters = [name for name in moved[1.0] if ".lora_" in name]
+    assert base and adapters and all(moved[1.0][name].abs().max() > 0 for name in base)
+    for name in base:
+        torch.testing.assert_close(moved[0.25][name], 0.25 * moved[1.0][name], rtol=1e-4, atol=1e-7, msg=name)
+    for name in adapters:
+        torch.testing.assert_close(moved[0.25][name], moved[1.0][name], msg=name)
 
 
 def test_stage1_trains_in_bf16_as_the_paper_recipes_do(workspace):

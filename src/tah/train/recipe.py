@@ -36,6 +36,7 @@ class TrainingSettings:
     per_device_batch_size x processes x gradient accumulation (which is derived)."""
 
     learning_rate: float = 4e-5
+    base_lr_ratio: float = 1.0  # the base model's weights at this share of learning_rate (LoRA, decider: all of it)
     lr_scheduler: str = "cosine_with_min_lr"
     min_lr_ratio: float = 0.1  # cosine_with_min_lr: decay to this share of the peak
     warmup_ratio: float = 0.03
@@ -57,7 +58,7 @@ class TrainingSettings:
     dataloader_num_workers: int = 0
 
     def validate(self) -> None:
-        _positive(self, "learning_rate", "per_device_batch_size", "effective_batch_size", "logging_steps",
+        _positive(self, "learning_rate", "base_lr_ratio", "per_device_batch_size", "effective_batch_size", "logging_steps",
                   "save_steps")
         _at_least_zero(self, "weight_decay", "max_grad_norm", "epochs", "seed", "dataloader_num_workers")
         if self.lr_scheduler not in SCHEDULERS:

@@ -64,7 +64,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
     from tah.data import TaHCollator
 
     trainer = TaHTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                         data_collator=TaHCollator(tokenizer.pad_token_id), processing_class=tokenizer)
+                         data_collator=TaHCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                         base_lr_ratio=recipe.training.base_lr_ratio)
     if recipe.training.stop_at_loss is not None:
         trainer.add_callback(StopAtLoss(recipe.training.stop_at_loss))
     trainer.train(resume_from_checkpoint=checkpoint)

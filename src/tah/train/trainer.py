@@ -5,6 +5,8 @@ What it adds to `Trainer`:
   processes weigh every supervised token alike (a 2-process run follows the 1-process loss curve);
 - logged metrics: `iterated` (share of real tokens that ran a second pass) and, in stage 2, the
   decider's `decider_accuracy` / `decider_precision` / `decider_recall` at the inference threshold;
+- `base_lr_ratio`: the base model's weights may train at a share of the learning rate, the LoRA
+  adapters and the decider at the whole of it;
 - checkpoints in our layout (`save_pretrained`), each written under `.staging/` and renamed into
   place, so a kill while saving never leaves a half-written `checkpoint-N` behind.
 """
@@ -25,10 +27,15 @@ COUNTERS = ("real", "iterated", "tp", "fp", "fn", "tn")
 
 
 class TaHTrainer(Trainer):
-    """A `Trainer` whose model is a `TaHForCausalLM` (see the module docstring)."""
+    """A `Trainer` whose model is a `TaHForCausalLM` (see the module docstring).
 
-    def __init__(self, *args, **kwargs) -> None:
+    base_lr_ratio: the learning rate of the base model's own weights (everything but the LoRA
+    adapters and the decider) as a share of `args.learning_rate`, schedule included; 1 is one rate.
+    """
+
+    def __init__(self, *args, base_lr_ratio: float = 1.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.base_lr_ratio = base_lr_ratio
         self.loss_is_scaled_for_ga = self.model.tah_config.training_stage == 1
         # COUNTERS summed since the last log, on the batches' device: read (one host sync) only when logging
         self._counts: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
@@ -71,6 +78,23 @@ class TaHTrainer(Trainer):
             self._counts[split] = None
             logs.update({("eval_" if split == "eval" else "") + k: v for k, v in _metrics(totals).items()})
         super().log(logs, start_time)
+
+    # -- optimiser -----------------------------------------------------------------------------
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """HF's optimiser, its parameter groups split into base weights (at `base_lr_ratio` of the
+        rate) and adapters; the schedule scales every group's own rate, so the ratio holds throughout."""
+        optimizer = super().create_optimizer(model)
+        if self.base_lr_ratio == 1.0:
+            return optimizer
+        names = {id(p): n for n, p in (model or self.model).named_parameters()}
+        groups, optimizer.param_groups = optimizer.param_groups, []  # no step taken yet: no state to move
+        for group in groups:
+            for base in (False, True):
+                params = [p for p in group["params"] if is_base_weight(names[id(p)]) == base]
+                if params:
+                    lr = group["lr"] * (self.base_lr_ratio if base else 1.0)
+                    optimizer.add_param_group({**group, "params": params, "lr": lr})
+        return optimizer
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -142,6 +166,12 @@ def _metrics(totals: torch.Tensor) -> dict[str, float]:
         out["decider_precision"] = tp / (tp + fp) if tp + fp else 0.0
         out["decider_recall"] = tp / (tp + fn) if tp + fn else 0.0
     return out
+
+
+def is_base_weight(name: str) -> bool:
+    """Whether the parameter `name` of a TaHForCausalLM is the wrapped model's own (not a LoRA adapter's
+    or the decider's)."""
+    return name.startswith("lm.") and ".lora_" not in name
 
 
 def clean_staging(run_dir: str | Path) -> None:
