@@ -170,8 +170,9 @@ def _metrics(totals: torch.Tensor) -> dict[str, float]:
 
 def is_base_weight(name: str) -> bool:
     """Whether the parameter `name` of a TaHForCausalLM is the wrapped model's own (not a LoRA adapter's
-    or the decider's)."""
-    return name.startswith("lm.") and ".lora_" not in name
+    or the decider's), whatever prefix a wrapper (DDP's `module.`) adds to it."""
+    parts = name.split(".")
+    return "lm" in parts and "decider" not in parts and not any(part.startswith("lora_") for part in parts)
 
 
 def clean_staging(run_dir: str | Path) -> None:
