@@ -25,6 +25,7 @@ ap.add_argument("--set", action="append", default=[]); ap.add_argument("--always
 ap.add_argument("--only", default="TaH+,TaH")
 ap.add_argument("--label", action="append", default=[],
                 help="relabel with Standard under this DemoSettings change, e.g. label_confidence=null, label_prompt_easy=false")
+ap.add_argument("--standard", action="store_true", help="train Standard again too (the labels stay the first one's)")
 ap.add_argument("--shield", action="store_true", help="deeper passes read the base weights detached (LoRA alone learns there)")
 a = ap.parse_args()
 torch.set_num_threads(1)
@@ -69,6 +70,9 @@ labeled = root / "data" / "labeled-train"
 finals = {"Standard": root / "runs" / "standard" / "final", "AlwaysIterate": root / "runs" / "always" / "final"}
 times = {"Standard": 0.0, "AlwaysIterate": 0.0}
 t0 = time.time()
+if a.standard:
+    finals["Standard"], times["Standard"] = stages.train("standard", "standard-again", root / "runs" / "base" / "final",
+                                                        labeled, s.finetune_steps, s.finetune_lr, **extra)
 if a.always:
     finals["AlwaysIterate"], times["AlwaysIterate"] = stages.train("always", "always", root / "runs" / "base" / "final",
                                                                   labeled, s.finetune_steps, s.finetune_lr, **lora, **extra)
