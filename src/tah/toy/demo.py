@@ -164,7 +164,7 @@ def run_seed(root: Path, settings: DemoSettings, seed: int, report: Callable[[st
     models = {name: step(f"evaluate: {name}", lambda path=path, name=name: evaluate(
         name, path, tokenizer, problems, data, train_time[name])) for name, path in finals.items()}
     analysis = step("analyse: oracle + overthinking", lambda: oracle_analysis(finals["AlwaysIterate"], data))
-    # TaH+ (every layer) is the model to look at here: pruning one of three layers costs TaH a third
+    # TaH+ (every layer) is the model to look at here: pruning one of four layers costs TaH a quarter
     # of its depth at this scale (see the README), which would hide what the decider does.
     sweep = step("analyse: threshold sweep (TaH+)", lambda: threshold_curve(finals[SWEPT], data))
     step("samples.html", lambda: write_samples(finals[SWEPT], tokenizer, data, problems, root / "samples.html",
