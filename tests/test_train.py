@@ -13,7 +13,7 @@ import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainingArguments
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback, TrainingArguments
 
 from conftest import tiny_lm, tiny_tah
 from tah import ConfigError, TaHForCausalLM
@@ -257,6 +257,38 @@ def test_stop_at_loss_ends_the_run_at_the_first_log_that_reaches_it(workspace):
                                                                  **{"training.stop_at_loss": target})))
     assert stop < len(full) and stopped == full[:stop]
     assert (out / "final" / "config.json").is_file()
+
+
+class SkipEveryLayer(TrainerCallback):
+    """While training, every decoder layer returns its input (LayerDrop at p = 1); gone at the end."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+        self.hooks = [layer.register_forward_hook(lambda module, inputs, output: inputs[0]) for layer in layers]
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for hook in self.hooks:
+            hook.remove()
+
+
+def test_callbacks_reach_the_trainer(workspace):
+    """`train(recipe, callbacks=[...])` adds them to its Trainer: with every decoder layer skipped on
+    every step, the layers get no gradient and keep their weights while the embeddings learn; without
+    the callback every layer moves."""
+    from tah.train.run import train
+
+    start = AutoModelForCausalLM.from_pretrained(workspace["model"]).state_dict()
+    moved = {}
+    for name, callbacks in (("plain", []), ("skipped", [SkipEveryLayer()])):
+        out = workspace["root"] / f"callbacks-{name}"
+        sets = overrides(workspace, out, **{"training.max_steps": 2, "training.save_steps": 2})
+        recipe = load_recipe(RECIPES / "standard.yaml", [arg for arg in sets if arg != "--set"])
+        final = TaHForCausalLM.from_pretrained(train(recipe, overwrite=True, callbacks=callbacks)).lm.state_dict()
+        moved[name] = {key: not torch.equal(final[key], start[key]) for key in start}
+    layers = [key for key in start if ".layers." in key]
+    assert layers and all(moved["plain"][key] for key in layers if "norm" not in key)
+    assert not any(moved["skipped"][key] for key in layers)
+    assert moved["skipped"]["model.embed_tokens.weight"]
 
 
 def test_base_lr_ratio_moves_the_base_weights_at_that_share_of_the_rate(workspace):

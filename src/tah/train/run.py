@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from tah.train.trainer import StopAtLoss, TaHTrainer, clean_staging
 DECIDER_SHAPE = ("decider", "decider_layers", "decider_hidden_dims", "decider_topk", "decider_expansion")
 
 
-def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, callbacks: Sequence = ()) -> Path:
     """Train stage 1, stage 2 or a baseline from a YAML recipe. Stage 1 trains base + LoRA with oracle
     hard-token labels choosing who iterates; stage 2 trains the decider of a stage-1 checkpoint;
     `baseline: standard | always` runs the same recipe with one pass / every token iterating.
@@ -43,6 +44,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
         recipe: a checked recipe (`tah.train.recipe.load_recipe`: the YAML and its --set overrides).
         resume: continue from the newest complete checkpoint-N in output_dir.
         overwrite: discard the run already in output_dir (checkpoint-N, final/) and start at step 0.
+        callbacks: `transformers.TrainerCallback`s added to the Trainer (e.g. experiments/toy-depth/layerdrop.py's LayerDrop).
     Returns:
         The directory of the final model.
     Raises:
@@ -68,6 +70,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
                          base_lr_ratio=recipe.training.base_lr_ratio)
     if recipe.training.stop_at_loss is not None:
         trainer.add_callback(StopAtLoss(recipe.training.stop_at_loss))
+    for callback in callbacks:
+        trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=checkpoint)
     final = out / "final"
     trainer.save_model(str(final))
