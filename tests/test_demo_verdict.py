@@ -64,4 +64,4 @@ def test_iteration_and_oracle_claims_follow_the_figures(iterated, oracle, claim)
 def test_lines_say_holds_or_not_for_each_claim():
     runs = [_run(0, 0.5, 0.4, 0.6, 0.3)]
     text = verdict_lines({"runs": runs})
-    assert text.count("does not hold") == 1 and "TaH (one layer pruned" in text
+    assert text.count("does not hold") == 1 and "TaH (pruned to fewer parameters)" in text

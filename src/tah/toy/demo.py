@@ -2,7 +2,7 @@
 
 A tiny Qwen3 learns step-by-step arithmetic (copied digits are easy, computed digits are hard);
 then, with equal training budgets, Standard (one pass), AlwaysIterate, TaH+ (all layers) and TaH
-(one layer pruned, so its parameters match Standard's) are trained through the functions behind
+(its MLPs narrowed so that its parameters stay under Standard's) are trained through the functions behind
 `tah label`, `tah prune` and `tah train`, and evaluated on held-out problems. Writes under OUT:
 
     results.json    every number and the settings (per seed, and mean / std over seeds)
@@ -38,7 +38,7 @@ METRICS = ("answer_accuracy", "next_token_accuracy", "iterated_share", "paramete
 def run_demo(out: str | Path = "tah-demo", quick: bool = False, seeds: int | None = None,
              workers: int | None = None, console: Console | None = None) -> dict:
     """The paper's experiment end to end on a toy task, on a CPU, with nothing downloaded. Pretrain a
-    tiny Qwen3 on step-by-step arithmetic and prune a layer of it; fine-tune Standard, label the hard
+    tiny Qwen3 on step-by-step arithmetic and prune it for TaH; fine-tune Standard, label the hard
     tokens with it (what one pass still gets wrong or is unsure of), and train AlwaysIterate, TaH+ and
     TaH from the same base with equal budgets (the work of tah train / prune / label); evaluate them
     on held-out problems. Writes OUT/results.json, sweep.png and samples.html, and each seed's
@@ -127,7 +127,7 @@ def run_seed(root: Path, settings: DemoSettings, seed: int, report: Callable[[st
     until = {} if s.pretrain_loss is None else {"training.stop_at_loss": s.pretrain_loss, "training.logging_steps": 10}
     base, _ = step("pretrain: the base (tah train)", lambda: stages.train(
         "standard", "base", init, root / "data" / "train.jsonl", s.pretrain_steps, s.pretrain_lr, **until))
-    pruned, _ = step("prune: 1 layer (tah prune)", lambda: stages.prune(base))
+    pruned, _ = step("prune: for TaH (tah prune)", lambda: stages.prune(base))
     finals, train_time, labelled = {}, {}, {"train": root / "data" / "train.jsonl"}
 
     def fit(name, recipe, out, model, steps, lr, **extra):
@@ -164,8 +164,8 @@ def run_seed(root: Path, settings: DemoSettings, seed: int, report: Callable[[st
     models = {name: step(f"evaluate: {name}", lambda path=path, name=name: evaluate(
         name, path, tokenizer, problems, data, train_time[name])) for name, path in finals.items()}
     analysis = step("analyse: oracle + overthinking", lambda: oracle_analysis(finals["AlwaysIterate"], data))
-    # TaH+ (every layer) is the model to look at here: pruning one of four layers costs TaH a quarter
-    # of its depth at this scale (see the README), which would hide what the decider does.
+    # TaH+ (the unpruned model) is the model to look at here: what the decider does, apart from what
+    # the pruning costs.
     sweep = step("analyse: threshold sweep (TaH+)", lambda: threshold_curve(finals[SWEPT], data))
     step("samples.html", lambda: write_samples(finals[SWEPT], tokenizer, data, problems, root / "samples.html",
                                                s.samples))

@@ -74,7 +74,7 @@ def _pruned(per_model: dict) -> dict:
     mine, theirs = per_model["TaH"], per_model["Standard"]
     fewer = mine[0]["parameters"] < theirs[0]["parameters"]
     diffs = [statistics.fmean(r[key] for r in mine) - statistics.fmean(r[key] for r in theirs) for key, _, _ in METRICS]
-    return {"claim": "TaH (one layer pruned, fewer parameters) at least Standard",
+    return {"claim": "TaH (pruned to fewer parameters) at least Standard",
             "holds": fewer and all(d >= 0 for d in diffs),
             "detail": f"{mine[0]['parameters']:,} vs {theirs[0]['parameters']:,} parameters; answers "
                       f"{diffs[0] * 100:+.1f} points, next tokens {diffs[1] * 100:+.3f}"}

@@ -14,16 +14,28 @@ def register_prune(commands: argparse._SubParsersAction) -> None:
     prune.add_argument("--data", required=True,
                        help="calibration JSONL: rows with chat `messages`, or `prompt` + `response`")
     prune.add_argument("--out", required=True, help="output directory (replaced if it exists)")
-    prune.add_argument("--layers", type=int, default=1, help="number of decoder layers to remove (default 1)")
+    prune.add_argument("--layers", type=int, default=None, help="number of decoder layers to remove (default 1)")
+    prune.add_argument("--mlp-keep", type=int, default=None, metavar="N",
+                       help="instead of layers, keep the N most important MLP neurons of every layer "
+                            "(width pruning: for models of few layers, where one layer is much of the depth)")
     prune.add_argument("--max-length", type=int, default=1024, help="truncate rows to this many tokens")
     prune.add_argument("--batch-size", type=int, default=4)
     prune.add_argument("--max-rows", type=int, default=None, help="use only the first N rows of --data")
 
     def run(args: argparse.Namespace) -> None:
+        from tah.errors import ConfigError
+
+        common = dict(max_length=args.max_length, batch_size=args.batch_size, max_rows=args.max_rows)
+        if args.mlp_keep is not None:
+            if args.layers is not None:
+                raise ConfigError("give --layers (remove layers) or --mlp-keep (narrow every MLP), not both")
+            from tah.train.prune_width import print_width_report, prune_width
+
+            print_width_report(prune_width(args.model, args.data, args.out, keep=args.mlp_keep, **common), args.out)
+            return
         from tah.train.prune import print_report, prune
 
-        report = prune(args.model, args.data, args.out, layers=args.layers, max_length=args.max_length,
-                       batch_size=args.batch_size, max_rows=args.max_rows)
+        report = prune(args.model, args.data, args.out, layers=1 if args.layers is None else args.layers, **common)
         print_report(report, args.out)
 
     prune.set_defaults(run=run)

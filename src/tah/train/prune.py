@@ -250,6 +250,18 @@ def prune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.P
         InputError: no model at `model_dir`, or no usable calibration rows.
         ConfigError: a setting out of range (too many layers, a batch size below 1 ...).
     """
+    model, tokenizer, batches = load_for_pruning(model_dir, data, max_length, batch_size, max_rows)
+    check_k(layers, num_layers(model))
+    report = choose_layers(model, batches, layers, progress=progress)
+    prune_layers(model, report.removed)
+    save_pruned(model, tokenizer, report.to_json(), out)
+    return report
+
+
+def load_for_pruning(model_dir: str | os.PathLike, data: str | os.PathLike, max_length: int, batch_size: int,
+                     max_rows: int | None) -> tuple[nn.Module, object, list[Batch]]:
+    """The HF causal LM at `model_dir` (eval mode), its tokenizer and the calibration batches of `data`,
+    after checking the settings (ConfigError) and the paths (InputError)."""
     from transformers import AutoModelForCausalLM
 
     from tah.model.checkpoint import load_tokenizer
@@ -263,12 +275,15 @@ def prune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.P
         if value is not None and value < low:
             raise ConfigError(f"{name} must be >= {low}; got {value}")
     model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True).eval()
-    check_k(layers, num_layers(model))
     tokenizer = load_tokenizer(source)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = calibration_batches(data, tokenizer, max_length, batch_size, max_rows, pad or 0)
-    report = choose_layers(model, batches, layers, progress=progress)
-    prune_layers(model, report.removed)
+    return model, tokenizer, calibration_batches(data, tokenizer, max_length, batch_size, max_rows, pad or 0)
+
+
+def save_pruned(model: nn.Module, tokenizer, report_json: str, out: str | os.PathLike) -> None:
+    """The model, its tokenizer and REPORT into `out`: staged in a temporary sibling, then renamed into
+    place (an existing `out` is replaced; a failure leaves it as it was)."""
+    from tah.model.checkpoint import _swap_in
 
     final = Path(out)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -276,14 +291,11 @@ def prune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.P
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / REPORT).write_text(report.to_json() + "\n")
-        from tah.model.checkpoint import _swap_in
-
+        (staging / REPORT).write_text(report_json + "\n")
         _swap_in(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return report
 
 
 def print_report(report: PruneReport, out: str | os.PathLike) -> None:
