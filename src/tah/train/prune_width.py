@@ -81,7 +81,7 @@ def neuron_importance(model: nn.Module, batches: Sequence[Batch]) -> list[torch.
     device = next(model.parameters()).device
     try:
         for batch in batches:
-            mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).to(device)
+            mask = _mask_and_targets(batch)[0].to(device)
             current["mask"] = mask[..., None].float()
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
             model(input_ids=batch["input_ids"].to(device), attention_mask=mask, position_ids=positions,
@@ -105,31 +105,24 @@ def prune_mlp_width(model: nn.Module, kept: Sequence[torch.Tensor]) -> nn.Module
     for mlp, indices in zip(mlps, kept, strict=True):
         indices = indices.sort().values.to(mlp.down_proj.weight.device)
         for name in ("gate_proj", "up_proj"):
-            setattr(mlp, name, _rows(getattr(mlp, name), indices))
-        mlp.down_proj = _columns(mlp.down_proj, indices)
+            setattr(mlp, name, _narrowed(getattr(mlp, name), indices, dim=0))
+        mlp.down_proj = _narrowed(mlp.down_proj, indices, dim=1)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = len(indices)
     _text_config(model).intermediate_size = sizes.pop()
     return model
 
 
-def _rows(linear: nn.Linear, indices: torch.Tensor) -> nn.Linear:
-    new = nn.Linear(linear.in_features, len(indices), bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
+def _narrowed(linear: nn.Linear, indices: torch.Tensor, dim: int) -> nn.Linear:
+    """A copy of `linear` keeping only `indices` of its outputs (dim 0: rows, and the bias's entries)
+    or of its inputs (dim 1: columns; the bias stays whole)."""
+    weight = linear.weight.index_select(dim, indices)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None,
+                    device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        new.weight.copy_(linear.weight[indices])
+        new.weight.copy_(weight)
         if linear.bias is not None:
-            new.bias.copy_(linear.bias[indices])
-    return new
-
-
-def _columns(linear: nn.Linear, indices: torch.Tensor) -> nn.Linear:
-    new = nn.Linear(len(indices), linear.out_features, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[:, indices])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias)
+            new.bias.copy_(linear.bias[indices] if dim == 0 else linear.bias)
     return new
 
 
