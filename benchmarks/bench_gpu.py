@@ -4,12 +4,13 @@ Model: a random Qwen3-0.6B-shaped model (vocab 151936, hidden 1024, 28 layers, 1
 128, MLP 3072, tied embeddings); TaH wraps a copy of it (max_iter 2, LoRA r16 on every linear, small
 random adapter weights, as bench_decode.py).
 
-Decode (bf16 weights, prompt 256, 128 new tokens, greedy, no EOS: every run makes all 128 tokens), at
+Decode (bf16 weights, prompt 256, 128 new tokens, greedy unless said, no EOS: every run makes all 128 tokens), at
 batch 1 and 32: HF `generate` (dynamic cache, no compile; and `cache_implementation="static"`, which
 transformers compiles itself, mode reduce-overhead: its compile time is printed and kept out of the
 timing), tah with the `never` decider, with exactly 10% of the positions iterated (bench_decode's
 ExactShareDecider), and with every token iterated (`always`); at batch 1 also 1, 2 and 4 draft
-candidates. tah rows run `tah.generate`'s default engine ("auto"), and its "eager" engine where
+candidates; and at both batches 10% iterated with sampling (`tah eval bench`'s defaults: temperature
+0.6, top-p 0.95, top-k 20; seeded). tah rows run `tah.generate`'s default engine ("auto"), and its "eager" engine where
 `tah.generate` takes `engine=`. Each figure: the median of 3 runs after a warm-up (a full run where
 something compiles or captures CUDA graphs, else 16 tokens). KV: the entries the engine's cache
 held vs the base model's (one per token), and the bytes it allocated vs `never`'s.
@@ -233,12 +234,15 @@ class Decode:
 
         return run
 
-    def tah(self, rate: float | None, engine: str, candidates: int | None = None, compiled: bool = False) -> Callable:
+    def tah(self, rate: float | None, engine: str, candidates: int | None = None, compiled: bool = False,
+            sampling: bool = False) -> Callable:
         def run(ids: torch.Tensor, new: int):
             self.model.decider = self.deciders[rate]
             if hasattr(self.model, "compile_decode_steps"):
                 self.model.compile_decode_steps(enabled=compiled)
             options = dict(max_new_tokens=new, eos_token_id=None, draft_candidates=candidates)
+            if sampling:
+                options.update(SAMPLING)
             if ENGINE_KEYWORD:
                 options["engine"] = engine
             return tah.generate(self.model, ids, torch.ones_like(ids), **options)
@@ -323,7 +327,8 @@ def measure_decode(decode: Decode, row: DecodeRow, budget: Budget) -> dict:
     return record
 
 
-DECODE_ORDER = ("hf_eager", "hf_static", "never", "10%", "always", "never_eager", "10%_eager", "10%_drafts1",
+SAMPLING = dict(do_sample=True, temperature=0.6, top_p=0.95, top_k=20, seed=0)  # `tah eval bench`'s defaults
+DECODE_ORDER = ("hf_eager", "hf_static", "never", "10%", "10%_sampled", "always", "never_eager", "10%_eager", "10%_drafts1",
                 "10%_drafts2", "10%_drafts4", "never_compiled", "10%_compiled")  # the table's order (rows run in decode_rows' order)
 
 
@@ -341,10 +346,10 @@ def decode_rows(decode: Decode, compiled: bool = False) -> tuple[list[DecodeRow]
                          kind="hf", engine="static", note=note)
 
     def tah_row(batch: int, key: str, label: str, rate: float | None, engine: str = "auto",
-                candidates: int | None = None, steps_compiled: bool = False) -> DecodeRow:
+                candidates: int | None = None, steps_compiled: bool = False, sampling: bool = False) -> DecodeRow:
         # an "auto" engine may capture CUDA graphs on its first run: a full warm-up then
-        return DecodeRow(batch, key, label, decode.tah(rate, engine, candidates, steps_compiled), rate=rate,
-                         engine=engine, compiles=ENGINE_KEYWORD and engine != "eager")
+        return DecodeRow(batch, key, label, decode.tah(rate, engine, candidates, steps_compiled, sampling),
+                         rate=rate, engine=engine, compiles=ENGINE_KEYWORD and engine != "eager")
 
     if compiled:  # engine "static" (what "auto" takes on CUDA), so that a CPU smoke run compiles its steps too
         static = "static" if ENGINE_KEYWORD else "auto"
@@ -362,6 +367,8 @@ def decode_rows(decode: Decode, compiled: bool = False) -> tuple[list[DecodeRow]
                  tah_row(batch, "never", "tah, decider never", None),
                  tah_row(batch, "10%", "tah, 10% iterated", 0.1)]
     extra = [hf_static(one), hf_static(many)]  # after training: the compiles are the longest, least certain rows
+    extra += [tah_row(batch, "10%_sampled", "tah, 10% iterated, sampling (T 0.6, top-p 0.95, top-k 20)", 0.1,
+                      sampling=True) for batch in (one, many)]
     eager = "eager" if ENGINE_KEYWORD else "auto"  # without the keyword, the auto rows are the eager engine's
     for batch in (one, many):
         if ENGINE_KEYWORD:
@@ -527,7 +534,7 @@ def decode_table(setup: Setup, dtype: torch.dtype, rows: list[dict]) -> str:
                       cell(r["vs_hf_static"]), vs_never, cell(r.get("iterated"), "{:.1%}"), cell(r.get("kv_vs_base")),
                       cell(r["kv_bytes_vs_never"]), drafts, str(r["runs"]), r["engine_used"], note))
     return markdown_table(
-        f"decode: prompt {setup.prompt}, {setup.new_tokens} new tokens, greedy, no EOS, {dtype_name(dtype)}; tokens/s: "
+        f"decode: prompt {setup.prompt}, {setup.new_tokens} new tokens, greedy (but the sampling rows), no EOS, {dtype_name(dtype)}; tokens/s: "
         f"median of up to {setup.repeats} runs after a warm-up; ratios: of those medians; vs never: the `never` row "
         "of the same engine; KV vs base: cache entries / one per token",
         ("batch", "row", "tokens/s", "vs HF eager", "vs HF static", "vs never", "iterated", "KV vs base",

@@ -28,7 +28,7 @@ def smoke(tmp_path_factory):
 
 def expected_decode_rows(batches):
     one, many = batches
-    rows = {(b, key) for b in batches for key in ("hf_eager", "hf_static", "never", "10%", "always")}
+    rows = {(b, key) for b in batches for key in ("hf_eager", "hf_static", "never", "10%", "10%_sampled", "always")}
     rows |= {(one, f"10%_drafts{k}") for k in (1, 2, 4)}
     if "engine" in inspect.signature(tah.generate).parameters:
         rows |= {(b, key) for b in batches for key in ("10%_eager", "never_eager")}

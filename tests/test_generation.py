@@ -8,6 +8,7 @@ import torch
 from conftest import left_padded, randomize_lora, tiny_lm, tiny_tah
 from tah import InputError
 from tah.generation import Sampler, generate, generate_reference
+from tah.generation import static as static_engine
 from tah.model import lora
 from tah.model.decider import ConstantDecider
 from tah.model.lora import DepthState
@@ -247,11 +248,13 @@ def expected_pairs(model, prompt: torch.Tensor, sampler: Sampler) -> torch.Tenso
     return first[:, None] * second
 
 
-def draw_pairs(model, prompt, fused: bool, **sampling) -> torch.Tensor:
-    # Three tokens, so that the first two are drafted and accepted or resampled (a draft is never
-    # made for the last token): the first beside the last prompt token's depth-1 pass, the second
-    # beside the first token's.
-    out = generate(model, prompt.expand(DRAWS, -1), max_new_tokens=3, do_sample=True, seed=11, fused=fused, **sampling)
+def draw_pairs(model, prompt, fused: bool, engine: str = "eager", **sampling) -> torch.Tensor:
+    # Three tokens, so that two are drafted and accepted or resampled (a draft is never made for
+    # the last token). The eager engine drafts the first beside the last prompt token's depth-1
+    # pass, the second beside the first token's; the static engine (whose prefill runs the prompt's
+    # passes itself) the second and the third.
+    out = generate(model, prompt.expand(DRAWS, -1), max_new_tokens=3, do_sample=True, seed=11, fused=fused,
+                   engine=engine, **sampling)
     assert not fused or out.stats.drafts == 2 * DRAWS
     pairs = out.sequences[:, -3] * VOCAB + out.sequences[:, -2]
     return torch.bincount(pairs, minlength=VOCAB * VOCAB).double()
@@ -274,6 +277,15 @@ def test_fused_sampling_draws_from_the_unfused_distribution(always_model, sampli
         assert chi_square_p_value(draw_pairs(always_model, prompt, fused, **sampling), expected) > 0.01, fused
 
 
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.8, top_k=5, top_p=0.9)])
+def test_static_engine_sampling_draws_from_the_unfused_distribution(always_model, sampling):
+    """The GPU's engine: drafts accepted or redrawn on the device, with noise drawn before each step."""
+    prompt = torch.tensor([[3, 5, 1, 6]])
+    expected = expected_pairs(always_model, prompt, Sampler(True, **sampling)).flatten() * DRAWS
+    drawn = draw_pairs(always_model, prompt, True, engine="static", **sampling)
+    assert chi_square_p_value(drawn, expected) > 0.01
+
+
 def test_a_wrong_acceptance_rule_is_caught(always_model, monkeypatch):
     prompt = torch.tensor([[3, 5, 1, 6]])
     expected = expected_pairs(always_model, prompt, Sampler(True)).flatten() * DRAWS
@@ -283,6 +295,17 @@ def test_a_wrong_acceptance_rule_is_caught(always_model, monkeypatch):
 
     monkeypatch.setattr(Sampler, "accept", accept_every_draft)
     assert chi_square_p_value(draw_pairs(always_model, prompt, True), expected) < 0.01
+
+
+def test_a_wrong_acceptance_rule_is_caught_on_the_static_engine(always_model, monkeypatch):
+    prompt = torch.tensor([[3, 5, 1, 6]])
+    expected = expected_pairs(always_model, prompt, Sampler(True)).flatten() * DRAWS
+
+    def accept_every_draft(p, drafts, q, uniform, noise):
+        return torch.ones_like(drafts, dtype=torch.bool), drafts
+
+    monkeypatch.setattr(static_engine, "accept_drawn", accept_every_draft)
+    assert chi_square_p_value(draw_pairs(always_model, prompt, True, engine="static"), expected) < 0.01
 
 
 # -- errors ---------------------------------------------------------------------------------------

@@ -239,3 +239,32 @@ def check_compiled_static_equals_eager(device) -> None:
 
 def test_compiled_static_engine_equals_eager_engine():
     check_compiled_static_equals_eager(CUDA)
+
+
+def check_static_sampling_graphs_equal_no_graphs(device) -> None:
+    """Static-engine sampling: a seeded call draws the same tokens whether its steps replay CUDA graphs
+    or run as they are (the noise is drawn outside the graphs), on the first call (capture) and the
+    next (replay), with drafts both kept and redrawn."""
+    try:
+        from tah.generation.sampling import Sampler
+        from tah.generation.static import StaticDecoder
+        StaticDecoder(strong_model(), Sampler(), max_new_tokens=1, eos_ids=set())
+    except (ImportError, TypeError):
+        pytest.skip("this tah's static engine does not sample")
+    model = strong_model("random", rate=0.5).to(device)
+    ids, mask = (t.to(device) for t in left_padded([5, 9, 3, 7], seed=2))
+
+    def sampled(graphs: bool):
+        sampler = Sampler(True, temperature=0.8, top_k=20, top_p=0.9,
+                          generator=torch.Generator(device=device).manual_seed(7))
+        decoder = StaticDecoder(model.eval(), sampler, max_new_tokens=24, eos_ids={7}, graphs=graphs)
+        return decoder.run(ids, mask.long())
+
+    plain = sampled(False)
+    assert 0 < plain.stats.drafts_accepted < plain.stats.drafts
+    for call in ("first", "second"):
+        assert_same_decoding(sampled(device.type == "cuda"), plain, f"sampling, {call} call")
+
+
+def test_static_sampling_with_graphs_equals_without():
+    check_static_sampling_graphs_equal_no_graphs(CUDA)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import left_padded, randomize_lora, tiny_tah
 from tah import InputError
-from tah.generation import generate, generate_reference
+from tah.generation import Sampler, generate, generate_reference
 from tah.generation import static as static_engine
 from tah.generation.generate import _use_static
 
@@ -114,7 +114,6 @@ def test_a_decode_step_reads_the_device_once(monkeypatch):
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(engine="paged"), "engine must be one of"),
-    (dict(engine="static", do_sample=True, temperature=0.7), "sampling"),
     (dict(engine="static", draft_candidates=2), "draft candidates"),
 ])
 def test_settings_the_static_engine_cannot_take_are_refused(kwargs, words):
@@ -127,14 +126,15 @@ def test_settings_the_static_engine_cannot_take_are_refused(kwargs, words):
 def test_auto_takes_the_eager_engine_on_cpu_and_for_max_iter_3():
     model = strong_model()
     ids, _ = left_padded([4])
-    assert not _use_static(model, "auto", True, True, None, torch.device("cpu"))
-    assert _use_static(model, "auto", True, True, None, torch.device("cuda"))
+    assert not _use_static(model, "auto", True, None, torch.device("cpu"))
+    assert _use_static(model, "auto", True, None, torch.device("cuda"))
     deeper = tiny_tah(decider="random", random_rate=0.3, max_iter=3)
-    assert not _use_static(deeper, "auto", True, True, None, torch.device("cuda"))
+    assert not _use_static(deeper, "auto", True, None, torch.device("cuda"))
 
 
-def _loaded_runner(model, ids, mask):
-    runner = static_engine.StaticRunner(model, ids.shape[0], 255, torch.float32, torch.device("cpu"), graphs=False)
+def _loaded_runner(model, ids, mask, sampler=None):
+    runner = static_engine.StaticRunner(model, ids.shape[0], 255, torch.float32, torch.device("cpu"), graphs=False,
+                                        sampler=sampler)
     prefill = static_engine.TaHCache(capacity=ids.shape[1])
     out = model(ids, attention_mask=mask, past_key_values=prefill, use_cache=True, logits_to_keep=1)
     runner.load(prefill, out.logits[:, -1].argmax(-1), prefill.seen, torch.ones(ids.shape[0], dtype=torch.bool))
@@ -171,17 +171,67 @@ def test_steps_compile_as_whole_graphs_without_recompiling():
     assert deep_tokens > 0  # fused steps finished hard tokens
 
 
-def test_the_decoder_reads_the_device_once_a_step(monkeypatch):
+@torch.no_grad()
+def test_sampling_steps_compile_as_whole_graphs_without_recompiling():
+    """With sampling, a step reads its randomness from buffers filled before it: still one graph a
+    step kind over 64 steps, drawing what the uncompiled step draws from the same noise."""
+    model = strong_model(decider="mlp")
+    model.set_threshold(0.4)
+    ids, mask = left_padded([5, 7], seed=4)
+    sampler = Sampler(True, temperature=0.8, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    compiled, plain = _loaded_runner(model, ids, mask, sampler), _loaded_runner(model, ids, mask, sampler)
+    graphs, rejected = [], 0
+
+    def count(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    try:
+        step = torch.compile(compiled._run, fullgraph=True, backend=count)
+        for i in range(64):
+            fused = i % 3 == 0
+            plain._draw_noise(fused)
+            for name in ("noise", "resample_noise", "uniform"):
+                getattr(compiled, name).copy_(getattr(plain, name))
+            step("fused" if fused else "plain")
+            plain._run("fused" if fused else "plain")
+            assert torch.equal(compiled.out, plain.out), f"step {i}"
+            rejected += int(((plain.out[:, 0] != static_engine.NONE) & (plain.out[:, 1] == static_engine.NONE)).sum())
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 2
+    assert rejected > 0  # some drafts were redrawn
+
+
+def test_seeded_sampling_repeats_and_top_k_1_is_greedy():
+    """A seed fixes the static engine's draws; top_k=1 leaves one token to draw, so acceptance and
+    redraws must give exactly the greedy tokens and pass counts."""
+    model = strong_model()
+    ids, mask = left_padded([5, 9, 3], seed=1)
+    sampled = [generate(model, ids, mask, max_new_tokens=24, engine="static", do_sample=True, seed=seed)
+               for seed in (4, 4, 5)]
+    assert torch.equal(sampled[0].sequences, sampled[1].sequences)
+    assert not torch.equal(sampled[0].sequences, sampled[2].sequences)
+    assert sampled[0].stats.drafts > 0
+    one = generate(model, ids, mask, max_new_tokens=24, engine="static", do_sample=True, top_k=1, seed=4)
+    greedy = generate_reference(model, ids, mask, max_new_tokens=24)
+    assert torch.equal(one.sequences, greedy.sequences) and torch.equal(one.iter_counts, greedy.iter_counts)
+    assert 0 < one.stats.drafts_accepted < one.stats.drafts  # both the kept and the redrawn path ran
+
+
+@pytest.mark.parametrize("sampling", [{}, dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, seed=3)])
+def test_the_decoder_reads_the_device_once_a_step(monkeypatch, sampling):
     """Issue 26's rule for decode steps: one host sync a step (the emitted tokens), whatever the
-    step's kind; prefill's reads come once per call."""
+    step's kind, greedy or sampling; prefill's reads come once per call."""
     model = strong_model(rate=0.5)
     ids, mask = left_padded([5, 7], seed=4)
-    generate(model, ids, mask, max_new_tokens=4, engine="static")  # warm: few_rows' trials read timings
+    generate(model, ids, mask, max_new_tokens=4, engine="static", **sampling)  # warm: few_rows' trials read timings
     counter = _SyncCounter(monkeypatch)
     reads, forwards = [], []
     for new in (10, 30):
         before = counter.count
-        out = generate(model, ids, mask, max_new_tokens=new, engine="static")
+        out = generate(model, ids, mask, max_new_tokens=new, engine="static", **sampling)
         reads.append(counter.count - before)
         forwards.append(out.stats.forwards)
     assert out.stats.deep_steps > 0 and out.stats.shallow_steps > 0

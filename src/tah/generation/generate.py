@@ -42,12 +42,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
     engine: "eager" is the engine above (any settings; tuned for CPUs); "static" decodes with static
     shapes, every decision on the device and each step replayed from a CUDA graph on a GPU
-    (`tah.generation.static`: greedy, max_iter <= 2, one draft; the same tokens); "auto" (the default)
+    (`tah.generation.static`: max_iter <= 2, one draft; greedy: the same tokens, sampling: the same
+    distribution, with other draws); "auto" (the default)
     takes "static" on CUDA where it applies, else "eager". Raises `InputError` on bad arguments.
     """
     input_ids, attention_mask = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
     sampler = Sampler(do_sample, temperature, top_k, top_p, min_p, _generator(seed, input_ids.device))
-    use_static = _use_static(model, engine, sampler.greedy, fused, draft_candidates, input_ids.device)
+    use_static = _use_static(model, engine, fused, draft_candidates, input_ids.device)
     if draft_candidates is None:
         draft_candidates = 2 if sampler.greedy and input_ids.shape[0] == 1 else 1
     if draft_candidates not in range(1, MAX_DRAFT_CANDIDATES + 1) or draft_candidates > 1 and not sampler.greedy:
@@ -64,7 +65,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         streamer.put(input_ids.cpu())
     was_training = model.training
     if use_static:
-        decoder = StaticDecoder(model, max_new_tokens=max_new_tokens, eos_ids=eos_ids, stop=stop, streamer=streamer)
+        decoder = StaticDecoder(model, sampler, max_new_tokens=max_new_tokens, eos_ids=eos_ids, stop=stop,
+                                streamer=streamer)
         model.eval()
         try:
             return decoder.run(input_ids, attention_mask)
@@ -80,14 +82,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         model.train(was_training)
 
 
-def _use_static(model, engine: str, greedy: bool, fused: bool, draft_candidates: int | None,
-                device: torch.device) -> bool:
+def _use_static(model, engine: str, fused: bool, draft_candidates: int | None, device: torch.device) -> bool:
     """Does this call decode on the static engine (see `generate`'s `engine`)?"""
     if engine not in ENGINES:
         raise InputError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     if engine == "eager":
         return False
-    reason = static.supports(model, greedy, fused)
+    reason = static.supports(model, fused)
     if reason is None and draft_candidates not in (None, 1):
         reason = "several draft candidates run on the eager engine"
     if engine == "static" and reason is not None:

@@ -56,27 +56,47 @@ class Sampler:
         if self.greedy:
             return greedy_tokens(logits), None
         probs = self.probs(logits)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0], probs
+        return draw(probs, self.noise_like(probs)), probs
+
+    def noise_like(self, probs: torch.Tensor) -> torch.Tensor:
+        """Exp(1) noise of probs' shape from this sampler's generator: what `draw` takes."""
+        return torch.empty_like(probs, dtype=torch.float32).exponential_(generator=self.generator)
 
     def accept(self, target_logits: torch.Tensor, drafts: torch.Tensor,
                draft_probs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Speculative acceptance of drafted tokens against the target distribution.
 
-        Greedy: keep the draft iff it is the target's argmax. Sampling: keep it with probability
-        min(1, p(x)/q(x)), else draw from normalise(max(0, p - q)); the result is distributed exactly
-        as p. Returns (accepted (N,) bool, tokens (N,)).
+        Greedy: keep the draft iff it is the target's argmax. Sampling: `accept_drawn` with its
+        uniform and Exp(1) noise drawn here. Returns (accepted (N,) bool, tokens (N,)).
         """
         if self.greedy:
             tokens = greedy_tokens(target_logits)
             return tokens == drafts, tokens
         p = self.probs(target_logits)
-        q = draft_probs
-        p_x = p.gather(-1, drafts[:, None])[:, 0]
-        q_x = q.gather(-1, drafts[:, None])[:, 0]
-        u = torch.rand(drafts.shape, generator=self.generator, device=p.device)
-        accepted = u * q_x < p_x  # u < p/q without dividing by a tiny q
-        residual = (p - q).clamp(min=0)
-        mass = residual.sum(-1, keepdim=True)
-        residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)  # p == q: never rejected anyway
-        resampled = torch.multinomial(residual, 1, generator=self.generator)[:, 0]
-        return accepted, torch.where(accepted, drafts, resampled)
+        uniform = torch.rand(drafts.shape, generator=self.generator, device=p.device)
+        return accept_drawn(p, drafts, draft_probs, uniform, self.noise_like(p))
+
+
+def draw(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """(N, V) distributions and (N, V) Exp(1) noise -> (N,) tokens, token v with probability
+    probs[v]: the exponential race, argmax(probs / noise). It is what `torch.multinomial(probs, 1)`
+    computes (its one-sample path draws the same noise from the same generator, so the tokens are
+    equal), without multinomial's checks of the values, which read them on the host (a device
+    sync each). With the noise drawn beforehand, a captured decode step reads it from a buffer."""
+    return (probs / noise).argmax(-1)
+
+
+def accept_drawn(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, uniform: torch.Tensor,
+                 noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative acceptance with its randomness given: p, q (N, V) the target's and the drafts'
+    distributions, drafts (N,) drawn from q, uniform (N,) in [0, 1), noise (N, V) Exp(1). Keeps a
+    draft x with probability min(1, p(x)/q(x)), else draws from normalise(max(0, p - q)); the
+    result is distributed exactly as p. Returns (accepted (N,) bool, tokens (N,)). Device ops
+    only: no host read, no data-dependent shape."""
+    p_x = p.gather(-1, drafts[:, None])[:, 0]
+    q_x = q.gather(-1, drafts[:, None])[:, 0]
+    accepted = uniform * q_x < p_x  # u < p/q without dividing by a tiny q
+    residual = (p - q).clamp(min=0)
+    mass = residual.sum(-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)  # p == q: never rejected anyway
+    return accepted, torch.where(accepted, drafts, draw(residual, noise))

@@ -15,8 +15,18 @@ Everything a step decides (hard or not, the draft kept or dropped, the next toke
 position) is computed on the device into fixed tensors; the host reads one small tensor per step,
 the tokens emitted, to stop rows (EOS, max_new_tokens, stop strings) and to choose the next step's
 kind. Greedy tokens and pass counts equal the plain one-forward-per-token loop (tests hold them
-against it). Scope: greedy decoding with max_iter <= 2; `tah.generate(engine="auto")` takes the
-eager engine (`engine.py`) otherwise. On CPU the same steps run without graphs (what tests check).
+against it).
+
+Sampling: a pending row's draft is drawn from the hard token's depth-0 distribution q, and kept by
+speculative acceptance against its final distribution p (min(1, p/q), else a draw from
+max(0, p - q)): tokens distributed exactly as the unfused loop's (tests: chi-square against the
+exact distribution). A step's randomness (Exp(1) noise for its draws, a uniform for acceptance)
+is drawn from the call's generator into fixed buffers just before the step runs, outside its
+graph: the step itself is a fixed function of its buffers, which a CUDA graph can replay, and a
+seeded call draws the same tokens with or without graphs.
+
+Scope: max_iter <= 2 and one draft; `tah.generate(engine="auto")` takes the eager engine
+(`engine.py`) otherwise. On CPU the same steps run without graphs (what tests check).
 
 After `TaHForCausalLM.compile_decode_steps()`, each step function goes through `torch.compile`
 (fullgraph; inductor unless told otherwise) before its capture, so that a graph replays fused
@@ -28,12 +38,13 @@ from __future__ import annotations
 import time
 import warnings
 from collections import OrderedDict
+from dataclasses import replace
 
 import torch
 
 from tah.generation.engine import DecodeStats, output, stream
 from tah.generation.reference import GenerationOutput
-from tah.generation.sampling import greedy_tokens
+from tah.generation.sampling import Sampler, accept_drawn, draw, greedy_tokens
 from tah.model.cache import TaHCache
 from tah.model.decider import ConstantDecider, RandomDecider
 from tah.model.static_cache import StaticTaHCache
@@ -44,10 +55,8 @@ KEPT_RUNNERS = 4  # static runners (buffers + graphs) kept per model, least rece
 NONE = -1  # "no token" in the emitted tensor
 
 
-def supports(model, greedy: bool, fused: bool) -> str | None:
+def supports(model, fused: bool) -> str | None:
     """None if the static engine can decode with these settings, else why not."""
-    if not greedy:
-        return "sampling runs on the eager engine"
     if model.tah_config.max_iter > 2:
         return "max_iter > 2 runs on the eager engine"
     if not fused and _decides(model):
@@ -61,11 +70,13 @@ def _decides(model) -> bool:
 
 
 class StaticRunner:
-    """The fixed buffers of one (model, batch, capacity) and the step functions over them; the
-    CUDA graphs that replay those functions when `graphs` is set."""
+    """The fixed buffers of one (model, batch, capacity, sampling settings) and the step functions
+    over them; the CUDA graphs that replay those functions when `graphs` is set. `sampler` None or
+    greedy: argmax tokens; else its settings are baked into the steps, and each call's generator
+    is given to `load`."""
 
     def __init__(self, model, batch: int, capacity: int, dtype: torch.dtype, device: torch.device,
-                 graphs: bool) -> None:
+                 graphs: bool, sampler: Sampler | None = None) -> None:
         text = model.lm.config.get_text_config()
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -87,16 +98,26 @@ class StaticRunner:
         # (NONE where none), then whether the row has a pending hard token after the step
         self.out = torch.full((batch, 3), NONE, **long)
         self.fused_depth = torch.tensor([[1, 0]], **long).expand(batch, 2)
+        self.sampler = None if sampler is None or sampler.greedy else sampler
+        if self.sampler is not None:
+            floats = dict(dtype=torch.float32, device=device)
+            self.hard_q = torch.zeros(batch, vocab, **floats)  # the pending hard token's depth-0 distribution
+            self.noise = torch.ones(batch, vocab, **floats)  # Exp(1): a step's depth-0 draws
+            self.resample_noise = torch.ones(batch, vocab, **floats)  # Exp(1): a rejected draft's redraw
+            self.uniform = torch.zeros(batch, **floats)  # a draft's acceptance
         self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
-        self.settings = _settings_key(model)
+        self.settings = _settings_key(model, sampler)
         options = compile_options(model)
         # compiled once per runner and step kind (and again after `grow`); the graph captures the compiled code
         self._step = self._run if options is None else torch.compile(self._run, fullgraph=True, **options)
 
     # -- host side -----------------------------------------------------------------------------
-    def load(self, cache: TaHCache, first: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> None:
+    def load(self, cache: TaHCache, first: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
+             generator: torch.Generator | None = None) -> None:
         """Start from a prefill: its cache entries, each row's first token (B,), that token's
-        position (B,) and the rows that go on (B,) bool."""
+        position (B,) and the rows that go on (B,) bool. generator: the call's (sampling; None: torch's default)."""
+        if self.sampler is not None:
+            self.sampler = replace(self.sampler, generator=generator)
         self.cache.take_entries(cache, int(cache.fill.max()))
         self.token.copy_(first)
         self.position.copy_(positions)
@@ -106,6 +127,7 @@ class StaticRunner:
     def step(self, fused: bool) -> None:
         """One step (replayed from its graph once captured); results in `self.out`."""
         kind = "fused" if fused else "plain"
+        self._draw_noise(fused)
         if not self.graphs:
             self._step(kind)
             return
@@ -120,6 +142,16 @@ class StaticRunner:
                 self._step(kind)
                 return
         graph.replay()
+
+    def _draw_noise(self, fused: bool) -> None:
+        """A step's randomness, into its buffers (outside any graph: see the module's docstring)."""
+        if self.sampler is None:
+            return
+        generator = self.sampler.generator
+        self.noise.exponential_(generator=generator)
+        if fused:
+            self.uniform.uniform_(generator=generator)
+            self.resample_noise.exponential_(generator=generator)
 
     def _run(self, kind: str) -> None:
         state = self.model.depth_state
@@ -163,8 +195,9 @@ class StaticRunner:
 
     def _state_tensors(self) -> list[torch.Tensor]:
         c = self.cache
+        sampling = [] if self.sampler is None else [self.hard_q]
         return [c.pos, c.depth, c.valid, c.fill, self.token, self.position, self.active, self.pending,
-                self.hard_acc, self.hard_pos, self.out]
+                self.hard_acc, self.hard_pos, self.out, *sampling]
 
     # -- device side: the two steps ------------------------------------------------------------
     def _plain(self) -> None:
@@ -183,9 +216,8 @@ class StaticRunner:
         real = torch.stack([deep, self.active], 1)
         queries = Queries(inputs, positions, self.fused_depth, real)
         logits, hidden = self.model.run_pass(queries, self.cache, self.need_hidden)
-        final = self.hard_acc + logits[:, 0]
-        final_token = greedy_tokens(final)
-        rejected = deep & (final_token != self.token)  # the draft was not the hard token's final pick
+        final_token, accepted = self._deep_pick(self.hard_acc + logits[:, 0])
+        rejected = deep & ~accepted  # the draft was not the hard token's final pick
         self.cache.drop_last(rejected)
         self.out[:, 0].copy_(torch.where(deep, final_token, NONE))
         # a rejected draft's place goes to the right token, at the same position, next step
@@ -197,15 +229,35 @@ class StaticRunner:
         pick is emitted; a hard token becomes pending and its top token is the next step's draft.
         Either way the pick runs next, one position on. Rows where `ran` is False keep their state
         (a rejected draft's row keeps the token just set)."""
-        pick = greedy_tokens(logits)
+        pick, probs = self._pick(logits)
         hard = self._hard(logits, hidden, column) & ran if self.decides else torch.zeros_like(ran)
         self.out[:, 1].copy_(torch.where(ran & ~hard, pick, NONE))
         self.hard_acc.copy_(torch.where(hard[:, None], logits, self.hard_acc))
+        if probs is not None:  # the draft's distribution q, for its acceptance
+            self.hard_q.copy_(torch.where(hard[:, None], probs, self.hard_q))
         self.hard_pos.copy_(torch.where(hard, self.position, self.hard_pos))
         self.pending.copy_(hard)
         self.token.copy_(torch.where(ran, pick, self.token))
         self.position.add_(ran.long())
         self.out[:, 2].copy_(hard.long())
+
+    def _pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, V) depth-0 logits -> (B,) tokens (argmax, or drawn with the step's noise) and the
+        distribution drawn from (None when greedy)."""
+        if self.sampler is None:
+            return greedy_tokens(logits), None
+        probs = self.sampler.probs(logits)
+        return draw(probs, self.noise), probs
+
+    def _deep_pick(self, final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, V) a pending hard token's final logits -> ((B,) its token, (B,) bool whether the draft
+        (`self.token`) is that token): the argmax, or speculative acceptance of the draft."""
+        if self.sampler is None:
+            token = greedy_tokens(final)
+            return token, token == self.token
+        accepted, token = accept_drawn(self.sampler.probs(final), self.token, self.hard_q, self.uniform,
+                                       self.resample_noise)
+        return token, accepted
 
     def _hard(self, logits: torch.Tensor, hidden: tuple | None, column: int) -> torch.Tensor:
         """(B,) bool: does the decider send each row's depth-0 token (at `column`) to depth 1?"""
@@ -217,11 +269,14 @@ class StaticRunner:
         return self.model.decide(logits[:, None], states, positions, 0)[:, 0]
 
 
-def _settings_key(model) -> tuple:
+def _settings_key(model, sampler: Sampler | None) -> tuple:
     """What a captured graph bakes in besides its buffers: the decider and its threshold, max_iter,
-    and whether (and how) its steps are compiled."""
+    the sampling settings, and whether (and how) its steps are compiled."""
     config = model.tah_config
-    return id(model.decider), config.threshold, config.max_iter, config.input_topk, repr(compile_options(model))
+    sampling = None if sampler is None or sampler.greedy else \
+        (sampler.temperature, sampler.top_k, sampler.top_p, sampler.min_p)
+    return (id(model.decider), config.threshold, config.max_iter, config.input_topk, sampling,
+            repr(compile_options(model)))
 
 
 def compile_options(model) -> dict | None:
@@ -234,14 +289,15 @@ def rounded_capacity(slots: int) -> int:
     return -(-(slots + 1) // SLOT_ROUNDING) * SLOT_ROUNDING - 1
 
 
-def runner_for(model, batch: int, capacity: int, dtype: torch.dtype, device: torch.device, graphs: bool) -> StaticRunner:
+def runner_for(model, batch: int, capacity: int, dtype: torch.dtype, device: torch.device, graphs: bool,
+               sampler: Sampler | None = None) -> StaticRunner:
     """A kept runner of this shape and settings, or a new one (kept, least recently used dropped)."""
     capacity = rounded_capacity(capacity)
     runners: OrderedDict = model.__dict__.setdefault("_static_runners", OrderedDict())
     key = (batch, capacity, dtype, str(device), graphs)
     runner = runners.get(key)
-    if runner is None or runner.settings != _settings_key(model) or runner.cache.capacity < capacity:
-        runner = StaticRunner(model, batch, capacity, dtype, device, graphs)
+    if runner is None or runner.settings != _settings_key(model, sampler) or runner.cache.capacity < capacity:
+        runner = StaticRunner(model, batch, capacity, dtype, device, graphs, sampler)
     runners[key] = runner
     runners.move_to_end(key)
     while len(runners) > KEPT_RUNNERS:
@@ -252,9 +308,10 @@ def runner_for(model, batch: int, capacity: int, dtype: torch.dtype, device: tor
 class StaticDecoder:
     """One `generate` call on the static engine: prefill, then steps until every row is done."""
 
-    def __init__(self, model, *, max_new_tokens: int, eos_ids: set[int], stop=None, streamer=None,
-                 graphs: bool | None = None) -> None:
+    def __init__(self, model, sampler: Sampler | None = None, *, max_new_tokens: int, eos_ids: set[int], stop=None,
+                 streamer=None, graphs: bool | None = None) -> None:
         self.model, self.max_new, self.eos_ids, self.stop, self.streamer = model, max_new_tokens, eos_ids, stop, streamer
+        self.sampler = sampler or Sampler()
         self.graphs = graphs
         self.stats = DecodeStats()
 
@@ -267,11 +324,12 @@ class StaticDecoder:
         prefill = TaHCache(capacity=length)
         out = self.model(input_ids, attention_mask=attention_mask, past_key_values=prefill, use_cache=True,
                          logits_to_keep=1)
-        first = greedy_tokens(out.logits[:, -1])
+        first, _ = self.sampler.pick(out.logits[:, -1])
         # Worst case a row holds every prompt entry, then 1 slot per new token plus the deep ones; start
         # with room for a quarter of the new tokens going deep, growing if a row gets near the end.
         used = int(prefill.fill.max())
-        runner = runner_for(self.model, batch, used + self.max_new + self.max_new // 4 + 2, out.logits.dtype, device, graphs)
+        runner = runner_for(self.model, batch, used + self.max_new + self.max_new // 4 + 2, out.logits.dtype, device, graphs,
+                            self.sampler)
         first_list, passes = first.tolist(), out.iter_count[:, -1].tolist()
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.passes: list[list[int]] = [[] for _ in range(batch)]
@@ -279,7 +337,7 @@ class StaticDecoder:
         for b in range(batch):
             self._emit(b, first_list[b], passes[b])
         active = torch.tensor([not d for d in self.done], device=device)
-        runner.load(prefill, first, prefill.seen, active)
+        runner.load(prefill, first, prefill.seen, active, self.sampler.generator)
         self.stats.prefill_seconds = time.perf_counter() - started
         pending, bound = False, used  # a bound on every row's fill, known without reading it
         while not all(self.done):
