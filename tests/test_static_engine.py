@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import left_padded, randomize_lora, tiny_tah
+from conftest import HostReads, left_padded, randomize_lora, tiny_tah
 from tah import InputError
 from tah.generation import Sampler, generate, generate_reference
 from tah.generation import static as static_engine
@@ -81,22 +81,6 @@ def test_runners_are_reused_across_calls_and_rebuilt_when_settings_change():
     assert torch.equal(lowered.iter_counts, generate_reference(model, ids, max_new_tokens=8).iter_counts)
 
 
-class _SyncCounter:
-    """Counts the reads of tensor values on the host (each one is a device sync on a GPU)."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.count = 0
-        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy"):
-            original = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, self._counting(original))
-
-    def _counting(self, original):
-        def counted(tensor, *args, **kwargs):
-            self.count += 1
-            return original(tensor, *args, **kwargs)
-        return counted
-
-
 def test_a_decode_step_reads_the_device_once(monkeypatch):
     """Plain and fused steps alike: the emitted tokens are the step's only host read."""
     model = strong_model(rate=0.5)
@@ -106,10 +90,10 @@ def test_a_decode_step_reads_the_device_once(monkeypatch):
     with torch.no_grad():
         out = model(ids, attention_mask=mask, past_key_values=prefill, use_cache=True, logits_to_keep=1)
         runner.load(prefill, out.logits[:, -1].argmax(-1), prefill.seen, torch.ones(2, dtype=torch.bool))
-        counter = _SyncCounter(monkeypatch)
-        for fused in (False, True, False, True):
-            runner.step(fused)
-    assert counter.count == 0  # the step itself reads nothing; the decoder reads runner.out once
+        with HostReads(monkeypatch) as counter:
+            for fused in (False, True, False, True):
+                runner.step(fused)
+    assert counter.count == 0, counter.where  # the step itself reads nothing; the decoder reads runner.out once
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -227,12 +211,11 @@ def test_the_decoder_reads_the_device_once_a_step(monkeypatch, sampling):
     model = strong_model(rate=0.5)
     ids, mask = left_padded([5, 7], seed=4)
     generate(model, ids, mask, max_new_tokens=4, engine="static", **sampling)  # warm: few_rows' trials read timings
-    counter = _SyncCounter(monkeypatch)
     reads, forwards = [], []
     for new in (10, 30):
-        before = counter.count
-        out = generate(model, ids, mask, max_new_tokens=new, engine="static", **sampling)
-        reads.append(counter.count - before)
+        with HostReads(monkeypatch) as counter:
+            out = generate(model, ids, mask, max_new_tokens=new, engine="static", **sampling)
+        reads.append(counter.count)
         forwards.append(out.stats.forwards)
     assert out.stats.deep_steps > 0 and out.stats.shallow_steps > 0
     assert reads[1] - reads[0] == forwards[1] - forwards[0]

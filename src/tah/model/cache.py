@@ -12,13 +12,18 @@ plain prefix of depth-0 entries, on HF's unmasked path as in the base model, how
 entries exist; a pass with deeper queries reads both regions (and the free slots between them,
 masked). Split caches are written in place only (no autograd).
 
-Under autograd (training) a pass instead appends one block to every row at the longest row's fill
+Under autograd (training) a pass instead appends one block to every row at the end of the buffers
 (shorter rows keep a gap of invalid slots) and the buffers are concatenated, never written in
 place: autograd would otherwise copy a whole buffer in backward for every write. Training runs a
 handful of passes, so those concatenations are cheap; decoding, under no_grad, never makes one.
+Where every block so far was appended so, the buffers' length is known on the host, and a pass
+whose caller also says what it knows of its padding (`KnownReal`) reads nothing from the device: a
+training forward on a GPU then queues its passes without waiting on them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +31,15 @@ from tah.model.attention import additive_mask, duo_causal_visible
 
 Branches = torch.Tensor | list[list[int]]  # (B, A) branch ids of a pass's queries (see TaHCache.begin_pass)
 FEW_QUERIES = 64  # passes of at most this many (B x A) queries separate their branches in Python
+
+
+@dataclass(frozen=True)
+class KnownReal:
+    """What the host knows of a pass's `real` (B, A) without reading it from the device (a sync on a
+    GPU): whether no query is padding, and whether in every row the real queries come first."""
+
+    all_real: bool
+    real_first: bool
 
 
 class TaHCache:
@@ -60,6 +74,9 @@ class TaHCache:
         # True while every slot so far is a valid depth-0 entry written in order: then a single
         # depth-0 query per row sees all of them and needs no mask (the plain decode step).
         self._plain = True
+        # Slots every row's buffers hold while each pass so far ran under autograd (appended blocks,
+        # see the module's docstring); None once one did not (fills are then read from the device).
+        self._appended: int | None = 0
 
     # -- bookkeeping, once per pass -------------------------------------------------------------
     def positions_for(self, valid: torch.Tensor) -> torch.Tensor:
@@ -68,7 +85,8 @@ class TaHCache:
         return (before[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
 
     def begin_pass(self, positions: torch.Tensor, depth: int | torch.Tensor, real: torch.Tensor,
-                   dtype: torch.dtype, branches: Branches | None = None) -> torch.Tensor | None:
+                   dtype: torch.dtype, branches: Branches | None = None,
+                   known: KnownReal | None = None) -> torch.Tensor | None:
         """Reserve slots for a pass of (B, A) queries; returns its (B, 1, A, S) additive mask, or None
         when HF's unmasked path computes the same attention: depth 0 from an empty cache without
         padding (`is_causal`), or one depth-0 query per row over a cache of valid depth-0 entries
@@ -80,15 +98,22 @@ class TaHCache:
         sees the entry the other writes in this pass, so each computes what it would alone; branch
         0 sees and is seen as the duo-causal rule says. The cache keeps no branch ids: a caller
         invalidates all alternatives but one before a later pass could see them.
+        known: what the caller knows of `real` on the host; with it, a pass under autograd reads
+        nothing from the device.
         """
         batch, width = positions.shape
         self._ensure_rows(batch, positions.device, dtype)
         if self.deep_capacity is not None:
             return self._begin_split_pass(positions, depth, real, dtype, branches)
         fill = self.fill
-        all_real = bool(real.all())
+        grad = torch.is_grad_enabled()
+        appended = self._appended if grad else None  # every row's buffers this long: a Python int
+        all_real = known.all_real if known is not None else bool(real.all())
         # One contiguous block of slots when every row is filled alike and the pass has no padding.
-        self._start = int(fill[0]) if all_real and _alike(fill) else None
+        if appended is not None:
+            self._start = appended if all_real else None
+        else:
+            self._start = int(fill[0]) if all_real and _alike(fill) else None
         if self._start is not None:
             self._slots = None  # last_slots builds them when asked
             self._length = self._start + width
@@ -102,13 +127,14 @@ class TaHCache:
         else:  # real tokens first, in order, then padding
             n_real = real.sum(1)
             in_block = _in_block(real, torch.ones_like(real))  # (B, A) slot - row start
-            if torch.is_grad_enabled():  # one block for all rows, appended by concatenation (see above)
-                self._block_start = int(fill.max())
-                identity = bool((in_block == torch.arange(width, device=real.device)).all())
+            if grad:  # one block for all rows, appended by concatenation (see above)
+                self._block_start = appended if appended is not None else int(fill.max())
+                identity = known.real_first if known is not None else \
+                    bool((in_block == torch.arange(width, device=real.device)).all())
                 self._order = None if identity else in_block.argsort(dim=1)
                 fill = torch.full_like(fill, self._block_start)
             slots = fill[:, None] + in_block
-            self._length = int(fill.max()) + width
+            self._length = (self._block_start if grad else int(fill.max())) + width
             self._grow(self._length)
             rows = torch.arange(batch, device=positions.device)[:, None]
             self.pos[rows, slots] = positions
@@ -123,6 +149,7 @@ class TaHCache:
         elif isinstance(depth, torch.Tensor):
             self.seen = self.seen + (real & (depth == 0)).sum(1)
         self._plain = self._plain and depth0 and self._start is not None
+        self._appended = self._length if appended is not None else None
         if branches is None and (depth0 and self._start == 0 or self._plain and width == 1):
             return None  # HF's fast path: causal from an empty cache, or one query that sees all
         return self._mask(positions, depth, dtype, branches)

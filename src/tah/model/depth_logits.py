@@ -41,9 +41,11 @@ class LogitsPlan(Protocol):
         ran on, as rows in packing order (None after the `last` pass, where nobody reads them), and
         the pass's hidden states that the decider reads (None when `last`)."""
 
-    def soft_input(self, go_on_flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def soft_input(self, go_on_flat: torch.Tensor, index: torch.Tensor,
+                   chosen: torch.Tensor | None = None) -> torch.Tensor:
         """(n, H) soft inputs of the n tokens that continue: go_on_flat (N,) bool over the pass's
-        tokens in packing order; index (n,) their flat positions b * T + t in the input."""
+        tokens in packing order; index (n,) their flat positions b * T + t in the input; chosen
+        (n,), when given, the places of go_on_flat's True entries (no boolean selection then)."""
 
 
 class EveryTokenLogits:
@@ -58,7 +60,7 @@ class EveryTokenLogits:
         self.rows_grad: RowsGradient | None = None
 
     def run(self, tokens, last, go_on):
-        head_rows = None if tokens.packing.full else tokens.real  # deeper tokens, all real: (N, V) at once
+        head_rows = None if tokens.packing.full else tokens.packing.flat_index()  # deeper tokens, all real: (N, V) at once
         with self.call.frozen():
             logits, hidden = self.model.run_pass(tokens, self.call.cache, need_hidden=not last, need=head_rows)
             if self.logits is None:  # depth 0 over every token: its logits are the sums so far
@@ -76,12 +78,12 @@ class EveryTokenLogits:
                     self.logits.index_add(0, index, logits)
         return self.rows, hidden
 
-    def soft_input(self, go_on_flat, index):
+    def soft_input(self, go_on_flat, index, chosen=None):
         if self.carry is None:  # after depth 0: rows of the sums themselves, whose gradient goes by rows_grad
             self.carry = self.logits.index_select(0, index) if self.rows_grad is None else \
                 GatherRows.apply(self.logits, index, self.rows_grad)
         else:
-            self.carry = self.rows[go_on_flat]
+            self.carry = self.rows[go_on_flat if chosen is None else chosen]
         with self.call.frozen():
             return self.model.soft_input(self.carry)
 
@@ -127,7 +129,7 @@ class TailLogits:
             return values.new_zeros(self.call.batch * keep, values.shape[-1]).index_copy_(0, index, values)
         return self.logits.index_add_(0, index, values) if self.in_place else self.logits.index_add(0, index, values)
 
-    def soft_input(self, go_on_flat, index):
+    def soft_input(self, go_on_flat, index, chosen=None):
         self.carry = self.rows[go_on_flat if self.need is None else go_on_flat[self.need]]
         with self.call.frozen():
             return self.model.soft_input(self.carry)
@@ -141,7 +143,7 @@ class SharedHeadLogits:
         self.logits: torch.Tensor | None = None
 
     def run(self, tokens, last, go_on):
-        head_rows = None if tokens.packing.full else tokens.real
+        head_rows = None if tokens.packing.full else tokens.packing.flat_index()  # deeper tokens, all real
         # the pass returns final hidden states; the shared head makes their logits
         final, hidden = self.model.run_pass(tokens, self.call.cache, need_hidden=not last, need=head_rows,
                                             head=_unchanged)
@@ -149,7 +151,7 @@ class SharedHeadLogits:
             self.shared.add_deep(self.logits, final)
         return self.logits, hidden
 
-    def soft_input(self, go_on_flat, index):
+    def soft_input(self, go_on_flat, index, chosen=None):
         top = self.shared.top_k(self.logits, index, self.model.tah_config.input_topk)
         return soft_embedding_of_top(*top, self.model.embed.weight)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tah.model.cache import KnownReal
 from tah.model.step import Queries
 
 
@@ -30,12 +31,20 @@ class Packing:
         return cls(rows, cols, cols, batch, length, True)
 
     @classmethod
-    def select(cls, rows: torch.Tensor, cols: torch.Tensor, batch: int) -> Packing:
-        """rows/cols in row-major order (as `nonzero` and boolean selection return them)."""
+    def select(cls, rows: torch.Tensor, cols: torch.Tensor, batch: int, width: int | None = None) -> Packing:
+        """rows/cols in row-major order (as `nonzero` and boolean selection return them); width: the
+        most tokens of any row, when the caller knows it (else read from the device)."""
         counts = torch.bincount(rows, minlength=batch)
         starts = counts.cumsum(0) - counts
         rank = torch.arange(rows.numel(), device=rows.device) - starts[rows]
-        return cls(rows, cols, rank, batch, int(counts.max()) if rows.numel() else 0, False)
+        if width is None:
+            width = int(counts.max()) if rows.numel() else 0
+        return cls(rows, cols, rank, batch, width, False)
+
+    def flat_index(self) -> torch.Tensor:
+        """(N,) where each token sits in the flattened (B * A) block: row-major, as a boolean
+        selection of the block's tokens would order them."""
+        return self.rows * self.width + self.rank
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (N, ...)."""
@@ -71,15 +80,45 @@ class PassTokens(Queries):
 
     @classmethod
     def of(cls, packing: Packing, depth: int, inputs: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
-           iter_labels: torch.Tensor | None) -> PassTokens:
+           iter_labels: torch.Tensor | None, known: KnownReal | None = None) -> PassTokens:
         """The packed tokens with their packed `inputs`, reading valid, positions and iter_labels
-        (B, T) of the whole input."""
+        (B, T) of the whole input; known: what the host knows of their padding (`LabelPlan`)."""
         real = packing.pack(packing.gather(valid), fill=False)
         packed_positions = packing.pack(packing.gather(positions))
         labels = None if iter_labels is None else packing.pack(packing.gather(iter_labels), fill=-100)
-        return cls(inputs, packed_positions, depth, real, packing=packing, labels=labels)
+        return cls(inputs, packed_positions, depth, real, known=known, packing=packing, labels=labels)
 
     def count_pass(self, iter_count: torch.Tensor) -> torch.Tensor:
         """(B, T) pass counts with one more for each of these tokens."""
         where = (self.packing.rows, self.packing.cols)
         return iter_count.index_put(where, torch.ones_like(self.packing.rows), accumulate=True)
+
+
+@dataclass
+class LabelPlan:
+    """What a forward's oracle pass counts (iter_labels) decide for all its passes, read from the
+    device at once: its only host read (issue 26: a stage-1 step waited on a GPU 14 times; with
+    the plan a training forward queues every pass without waiting). continuing[d][b]: the tokens of
+    row b that run another pass after depth d."""
+
+    continuing: list[list[int]]
+    all_valid: bool  # no padding in the input
+    right_padded: bool  # each row's padding, if any, after its tokens
+
+    @classmethod
+    def read(cls, valid: torch.Tensor, iter_labels: torch.Tensor, max_iter: int) -> LabelPlan:
+        """valid (B, T) bool, iter_labels (B, T) pass counts (-100 = none), as the forward has them."""
+        lengths = valid.sum(1)
+        leading = valid.int().cummin(1).values.sum(1)  # each row's first run of real tokens
+        counts = [((iter_labels > depth + 1) & valid).sum(1) for depth in range(max_iter - 1)]
+        lengths, leading, *counts = torch.stack([lengths, leading, *counts]).tolist()  # the one read
+        return cls(counts, all(n == valid.shape[1] for n in lengths), leading == lengths)
+
+    def known(self, depth: int) -> KnownReal:
+        """The padding of the pass at `depth`: the input's at depth 0; deeper, the packed tokens
+        (all real, packed to the left of each row), whose rows hold as many as the widest only
+        where every row holds that many."""
+        if depth == 0:
+            return KnownReal(self.all_valid, self.right_padded)
+        counts = self.continuing[depth - 1]
+        return KnownReal(all(n == max(counts) for n in counts), True)

@@ -54,11 +54,12 @@ class StaticTaHCache:
 
     # -- a pass --------------------------------------------------------------------------------
     def begin_pass(self, positions: torch.Tensor, depth: int | torch.Tensor, real: torch.Tensor,
-                   dtype: torch.dtype, branches: None = None) -> torch.Tensor:
+                   dtype: torch.dtype, branches: None = None, known=None) -> torch.Tensor:
         """Reserve slots for a pass of (B, A) queries (real ones take the row's next slots, in column
         order; padding ones the trash slot), tag them, and return the (B, 1, A, capacity + 1)
         additive duo-causal mask. positions (B, A); depth int or (B, A); real (B, A) bool. No
-        branches (`TaHCache.begin_pass`): a pass here holds no alternatives."""
+        branches (`TaHCache.begin_pass`): a pass here holds no alternatives. `known` is not needed
+        (this cache reads nothing on the host) and is ignored."""
         if branches is not None:
             raise ValueError("StaticTaHCache takes no branches: run alternatives through a TaHCache")
         depth = torch.full_like(positions, depth) if isinstance(depth, int) else depth

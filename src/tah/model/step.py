@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import output_capturing
 
 import tah.kernels.choose as kernels
-from tah.model.cache import Branches, TaHCache
+from tah.model.cache import Branches, KnownReal, TaHCache
 from tah.model.soft_input import soft_embedding
 
 # transformers 5.24 renamed `past_key_values` to `cache` (model arguments and output fields); the
@@ -38,13 +38,15 @@ HF_SELECTS_HIDDEN = hasattr(output_capturing, "resolve_hidden_states_indices")
 @dataclass
 class Queries:
     """The queries of one pass: inputs (B, A, H); positions (B, A); depth an int (every query) or
-    (B, A); real (B, A) bool; branches: alternatives among them (`TaHCache.begin_pass`), None for none."""
+    (B, A); real (B, A) bool; branches: alternatives among them (`TaHCache.begin_pass`), None for
+    none; known: what the host knows of `real` without reading it (None: nothing)."""
 
     inputs: torch.Tensor
     positions: torch.Tensor
     depth: int | torch.Tensor
     real: torch.Tensor
     branches: Branches | None = None
+    known: KnownReal | None = None
 
 
 class TaggedPasses:
@@ -71,10 +73,12 @@ class TaggedPasses:
         differ), each writing its KV entry to `cache`. Returns logits (B, A, V) and HF's
         hidden_states tuple (only the decider's layers filled) when `need_hidden`. With `need`
         (B, A) bool, the LM head runs only there and the logits come back as (N_need, V),
-        row-major. `head`, when given, replaces the LM head: it maps the final hidden states
-        ((B, A, H), or their (N_need, H) rows) to what comes back instead of logits."""
+        row-major; or `need` (N_need,) long: those rows of the flattened (B * A) queries, in that
+        order (no host read on a GPU, where a boolean selection waits for its count). `head`, when
+        given, replaces the LM head: it maps the final hidden states ((B, A, H), or their (N_need,
+        H) rows) to what comes back instead of logits."""
         inputs, positions, depth, real = queries.inputs, queries.positions, queries.depth, queries.real
-        mask = cache.begin_pass(positions, depth, real, inputs.dtype, queries.branches)
+        mask = cache.begin_pass(positions, depth, real, inputs.dtype, queries.branches, queries.known)
         wanted = self.decider.needs_hidden if need_hidden else ()
         wanted = (list(wanted) if HF_SELECTS_HIDDEN else True) if wanted else False
         # A decode step on CPU runs the LM head itself too, as the CPU layouts choose (HF's head is F.linear)
@@ -92,7 +96,9 @@ class TaggedPasses:
         if not own_head:
             return out.logits, out.hidden_states
         final = out.last_hidden_state
-        return (head or self._lm_head)(final if need is None else final[need]), out.hidden_states
+        if need is not None:
+            final = final[need] if need.dtype == torch.bool else final.flatten(0, 1).index_select(0, need)
+        return (head or self._lm_head)(final), out.hidden_states
 
     def compile_deep_passes(self, **options) -> None:
         """From now on, run every pass at depth >= 1 under autograd (training's hard tokens) through

@@ -34,7 +34,7 @@ from tah.model.cache import TaHCache
 from tah.model.decider import Decider, MLPDecider, build_decider
 from tah.model.depth_logits import EveryTokenLogits, LogitsPlan, SharedHeadLogits, TailLogits
 from tah.model.lora import DepthLoRALinear, DepthState, add_depth_lora
-from tah.model.packing import Packing, PassTokens
+from tah.model.packing import LabelPlan, Packing, PassTokens
 from tah.model.step import TaggedPasses
 
 
@@ -73,6 +73,7 @@ class ForwardCall:
     keep: int  # logits returned: those of the last `keep` columns (logits_to_keep), else T
     stage2: bool  # decider training: base and LoRA frozen, the loss is the decider's BCE
     early: bool  # decisions come before each pass (oracle labels, or a decider that reads no logits)
+    plan: LabelPlan | None  # with iter_labels: every pass's tokens, known on the host
 
     def frozen(self):
         """no_grad in stage 2 (base and LoRA frozen), else nothing."""
@@ -249,7 +250,8 @@ class TaHForCausalLM(TaggedPasses, nn.Module):
         if go_on is None:
             go_on = self._decide(tokens, sums, hidden)
         go_on_flat = tokens.packing.unpack(go_on)
-        if bool(go_on_flat.any()):  # (a host sync, once a depth)
+        counts = call.plan.continuing[tokens.depth] if call.plan is not None else None
+        if any(counts) if counts is not None else bool(go_on_flat.any()):  # (without a plan, a host sync a depth)
             loop.tokens = self._continuing(tokens, go_on_flat, plan, call)  # the hard tokens, with soft inputs
 
     def end_forward(self, loop: DepthLoop, use_cache: bool = False) -> TaHOutput:
@@ -275,8 +277,10 @@ class TaHForCausalLM(TaggedPasses, nn.Module):
         keep = logits_to_keep if 0 < logits_to_keep < length and labels is None and not stage2 else length
         # Deciders that ignore logits decide before each pass; then only needed logits are computed.
         early = iter_labels is not None or not self.decider.reads_logits
+        max_iter = self.tah_config.max_iter
+        plan = LabelPlan.read(valid, iter_labels, max_iter) if iter_labels is not None and max_iter > 1 else None
         return ForwardCall(batch, length, valid, positions, iter_labels, labels, num_items_in_batch, cache,
-                           self.tah_config.max_iter, keep, stage2, early)
+                           max_iter, keep, stage2, early, plan)
 
     def _logits_plan(self, call: ForwardCall) -> LogitsPlan:
         """The fastest plan (depth_logits.py) that computes what this call returns."""
@@ -299,18 +303,27 @@ class TaHForCausalLM(TaggedPasses, nn.Module):
         with call.frozen():
             embeds = self.embed(input_ids)
         packing = Packing.everything(call.batch, call.length, input_ids.device)
-        return PassTokens.of(packing, 0, embeds, call.valid, call.positions, call.iter_labels)
+        known = call.plan.known(0) if call.plan is not None else None
+        return PassTokens.of(packing, 0, embeds, call.valid, call.positions, call.iter_labels, known)
 
     def _continuing(self, tokens: PassTokens, go_on_flat: torch.Tensor, plan: LogitsPlan,
                     call: ForwardCall) -> PassTokens:
         """The tokens of the next pass: those of `tokens` where go_on_flat (N,), packed, each with the
-        soft embedding of its sums as input, at its own position."""
-        packing = tokens.packing
-        rows, cols = packing.rows[go_on_flat], packing.cols[go_on_flat]
-        soft = plan.soft_input(go_on_flat, rows * call.length + cols)
-        packing = Packing.select(rows, cols, call.batch)
-        return PassTokens.of(packing, tokens.depth + 1, packing.pack(soft), call.valid, call.positions,
-                             call.iter_labels)
+        soft embedding of its sums as input, at its own position. With a plan, their count per row
+        is known: no boolean selection, which waits for its count on a GPU."""
+        packing, depth = tokens.packing, tokens.depth
+        if call.plan is None:
+            rows, cols = packing.rows[go_on_flat], packing.cols[go_on_flat]
+            chosen = width = known = None
+        else:
+            counts = call.plan.continuing[depth]
+            chosen = go_on_flat.int().argsort(descending=True, stable=True)[:sum(counts)]  # the True ones, in order
+            rows, cols = packing.rows[chosen], packing.cols[chosen]
+            width, known = max(counts), call.plan.known(depth + 1)
+        soft = plan.soft_input(go_on_flat, rows * call.length + cols, chosen)
+        packing = Packing.select(rows, cols, call.batch, width)
+        return PassTokens.of(packing, depth + 1, packing.pack(soft), call.valid, call.positions,
+                             call.iter_labels, known)
 
     def _decider_term(self, tokens: PassTokens, sums: torch.Tensor, hidden: tuple,
                       call: ForwardCall) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,7 +381,7 @@ class TaHForCausalLM(TaggedPasses, nn.Module):
         targets = torch.cat([t for _, t in terms]) if terms else acc.new_zeros(0)
         if scores.numel() == 0:  # keeps the graph connected so every rank can step
             return sum(p.sum() * 0.0 for p in self.decider.parameters()), scores, targets
-        weight = torch.tensor(self.tah_config.pos_weight, device=scores.device, dtype=torch.float32)
+        weight = torch.full((), self.tah_config.pos_weight, device=scores.device)  # (a fill: no host-to-device copy)
         loss = F.binary_cross_entropy_with_logits(scores.float(), targets.float(), pos_weight=weight)
         return loss, scores.detach(), targets
 
