@@ -177,6 +177,49 @@ def test_bf16_autocast_stage1_step_matches_float32():
     check_bf16_autocast_step(CUDA)
 
 
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def device_waits(device, step) -> int:
+    """How often the host waits for the device in step(): the profiler's synchronize calls."""
+    from torch.profiler import ProfilerActivity, profile
+    step()  # warm: first-call allocations and lazy initialisation
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize(device)
+    return sum(e.count for e in prof.key_averages() if e.key in SYNC_EVENTS) - 1  # less the closing one
+
+
+def check_stage1_step_waits_like_sft(device) -> None:
+    """Issue 26: a stage-1 step (left-padded batch, 10% of the tokens hard, bf16 autocast) makes the
+    host wait for the device at most twice more than the bare model's SFT step on the same batch:
+    the forward's one read of its plan (`LabelPlan`), and the soft input's embedding-bag backward
+    (which, like the input embedding's backward in both, counts its segments on the host)."""
+    model = strong_model("mlp").to(device).train()
+    ids, mask = (t.to(device) for t in left_padded([24, 30, 17, 30], seed=0))
+    iter_labels = torch.ones_like(ids)
+    iter_labels[:, ::10] = 2
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def step(forward):
+        def run():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = forward()
+            loss.backward()
+        return run
+
+    sft = copy.deepcopy(model.lm)
+    tah_waits = device_waits(device, step(lambda: model(ids, mask, labels=labels,
+                                                         iter_labels=iter_labels.masked_fill(mask == 0, -100)).loss))
+    sft_waits = device_waits(device, step(lambda: sft(ids, attention_mask=mask, labels=labels).loss))
+    assert tah_waits <= sft_waits + 2, f"stage 1 waits {tah_waits} times, SFT {sft_waits}"
+
+
+def test_stage1_step_waits_on_the_device_about_as_often_as_sft():
+    check_stage1_step_waits_like_sft(CUDA)
+
+
 # -- (d) batched bf16 generation --------------------------------------------------------------------------
 def check_batched_bf16_generation(device) -> None:
     """A batch of 8 left-padded prompts decodes, in bf16, what each prompt decodes alone."""

@@ -34,7 +34,8 @@ class Packing:
     def select(cls, rows: torch.Tensor, cols: torch.Tensor, batch: int, width: int | None = None) -> Packing:
         """rows/cols in row-major order (as `nonzero` and boolean selection return them); width: the
         most tokens of any row, when the caller knows it (else read from the device)."""
-        counts = torch.bincount(rows, minlength=batch)
+        # (bincount would read the largest row id on a GPU: a sync)
+        counts = rows.new_zeros(batch).index_add_(0, rows, torch.ones_like(rows))
         starts = counts.cumsum(0) - counts
         rank = torch.arange(rows.numel(), device=rows.device) - starts[rows]
         if width is None:
