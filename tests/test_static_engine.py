@@ -125,6 +125,28 @@ def _loaded_runner(model, ids, mask, sampler=None):
     return runner
 
 
+def test_one_runner_per_batch_size_serves_every_prompt_length(monkeypatch):
+    """Calls whose prompts ask for other capacities share their batch size's runner while it is large
+    enough, and replace it (not add one) when not, or when the settings change: a runner's KV buffers
+    span every layer, so kept copies would add up (tah eval bench on a GPU)."""
+    monkeypatch.setattr(static_engine, "SLOT_ROUNDING", 8)
+    model = strong_model()
+    used = []
+    for lengths in ([5, 9], [3, 4], [12, 30], [6, 7]):  # the capacity asked goes up, down, up, down
+        ids, mask = left_padded(lengths, seed=len(used))
+        out = generate(model, ids, mask, max_new_tokens=12, engine="static")
+        reference = generate_reference(model, ids, mask, max_new_tokens=12)
+        assert torch.equal(out.sequences, reference.sequences) and torch.equal(out.iter_counts, reference.iter_counts)
+        used.append(next(reversed(model._static_runners.values())))
+    assert used[1] is used[0] and used[2] is not used[1] and used[3] is used[2]
+    assert len(model._static_runners) == 1
+    generate(model, *left_padded([4]), max_new_tokens=4, engine="static")  # another batch size: a runner of its own
+    model.set_threshold(0.3)  # other settings: batch 2's runner replaced
+    generate(model, *left_padded([5, 9]), max_new_tokens=4, engine="static")
+    assert len(model._static_runners) == 2 and used[2] not in model._static_runners.values()
+    assert next(reversed(model._static_runners.values())).cache.capacity >= used[2].cache.capacity
+
+
 @torch.no_grad()
 def test_steps_compile_as_whole_graphs_without_recompiling():
     """What CUDA graphs need, checked where torch.compile can see it: each step is one graph

@@ -51,7 +51,7 @@ from tah.model.static_cache import StaticTaHCache
 from tah.model.step import Queries
 
 SLOT_ROUNDING = 256  # capacities are rounded up to a multiple of this, so runners are reused across calls
-KEPT_RUNNERS = 4  # static runners (buffers + graphs) kept per model, least recently used dropped
+KEPT_RUNNERS = 4  # batch sizes whose static runner (buffers + graphs) a model keeps, least recently used dropped
 NONE = -1  # "no token" in the emitted tensor
 
 
@@ -291,12 +291,21 @@ def rounded_capacity(slots: int) -> int:
 
 def runner_for(model, batch: int, capacity: int, dtype: torch.dtype, device: torch.device, graphs: bool,
                sampler: Sampler | None = None) -> StaticRunner:
-    """A kept runner of this shape and settings, or a new one (kept, least recently used dropped)."""
+    """The kept runner of this batch size if its settings match and its cache holds `capacity`
+    slots a row, else a new one in its place. One runner per batch size (KEPT_RUNNERS sizes, the
+    least recently used dropped): a runner's KV buffers are batch x capacity slots of every layer
+    (about 20 GB for a 0.6B Qwen3 at batch 32 and 5,000 slots), so `tah eval bench`'s batches, each
+    asking for its own prompt length plus max_new_tokens, share the largest one instead of each
+    keeping its own; a larger capacity costs a step a longer masked attention, not a new capture.
+    The runner replaced is dropped before its successor allocates."""
     capacity = rounded_capacity(capacity)
     runners: OrderedDict = model.__dict__.setdefault("_static_runners", OrderedDict())
-    key = (batch, capacity, dtype, str(device), graphs)
+    key = (batch, dtype, str(device), graphs)
     runner = runners.get(key)
     if runner is None or runner.settings != _settings_key(model, sampler) or runner.cache.capacity < capacity:
+        if runner is not None:
+            capacity = max(capacity, runner.cache.capacity)  # the calls it served fit the new one too
+            del runners[key], runner  # its buffers and graphs freed before the new ones are made
         runner = StaticRunner(model, batch, capacity, dtype, device, graphs, sampler)
     runners[key] = runner
     runners.move_to_end(key)
