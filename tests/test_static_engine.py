@@ -210,6 +210,30 @@ def test_sampling_steps_compile_as_whole_graphs_without_recompiling():
     assert rejected > 0  # some drafts were redrawn
 
 
+@torch.no_grad()
+def test_compiled_sampling_steps_compile_once_for_every_call():
+    """Each call brings its own generator; the compiled steps must not see a new object per call (a
+    recompile, minutes on a real model), so the same two graphs serve seeded calls after the first."""
+    model = strong_model()
+    ids, mask = left_padded([5, 9], seed=2)
+    graphs = []
+
+    def count(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model.compile_decode_steps(backend=count)
+    torch._dynamo.reset()
+    try:
+        outs = [generate(model, ids, mask, max_new_tokens=16, engine="static", do_sample=True, temperature=0.9,
+                         seed=seed) for seed in (1, 2, 1)]
+    finally:
+        torch._dynamo.reset()
+        model.compile_decode_steps(enabled=False)
+    assert len(graphs) == 2
+    assert torch.equal(outs[0].sequences, outs[2].sequences) and not torch.equal(outs[0].sequences, outs[1].sequences)
+
+
 def test_seeded_sampling_repeats_and_top_k_1_is_greedy():
     """A seed fixes the static engine's draws; top_k=1 leaves one token to draw, so acceptance and
     redraws must give exactly the greedy tokens and pass counts."""

@@ -38,7 +38,6 @@ from __future__ import annotations
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import replace
 
 import torch
 
@@ -99,6 +98,7 @@ class StaticRunner:
         self.out = torch.full((batch, 3), NONE, **long)
         self.fused_depth = torch.tensor([[1, 0]], **long).expand(batch, 2)
         self.sampler = None if sampler is None or sampler.greedy else sampler
+        self.generator: torch.Generator | None = None  # the current call's (`load`)
         if self.sampler is not None:
             floats = dict(dtype=torch.float32, device=device)
             self.hard_q = torch.zeros(batch, vocab, **floats)  # the pending hard token's depth-0 distribution
@@ -116,8 +116,7 @@ class StaticRunner:
              generator: torch.Generator | None = None) -> None:
         """Start from a prefill: its cache entries, each row's first token (B,), that token's
         position (B,) and the rows that go on (B,) bool. generator: the call's (sampling; None: torch's default)."""
-        if self.sampler is not None:
-            self.sampler = replace(self.sampler, generator=generator)
+        self.generator = generator  # not on self.sampler: the steps (maybe compiled) keep reading one object
         self.cache.take_entries(cache, int(cache.fill.max()))
         self.token.copy_(first)
         self.position.copy_(positions)
@@ -147,7 +146,7 @@ class StaticRunner:
         """A step's randomness, into its buffers (outside any graph: see the module's docstring)."""
         if self.sampler is None:
             return
-        generator = self.sampler.generator
+        generator = self.generator
         self.noise.exponential_(generator=generator)
         if fused:
             self.uniform.uniform_(generator=generator)
