@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from tah import TaHConfig, TaHForCausalLM
@@ -67,41 +66,3 @@ def left_padded(lengths: list[int], vocab: int = 64, seed: int = 0) -> tuple[tor
 @pytest.fixture(scope="session")
 def upstream_dir() -> Path:
     return UPSTREAM
-
-
-class HostReads(TorchDispatchMode):
-    """Counts, while active, what would make the host wait for a GPU: reads of tensor values (.item,
-    bool(), int(), .tolist(), .numpy()) and ops whose output shape depends on tensor values (boolean
-    selection and assignment, nonzero, masked_select, repeat_interleave without output_size), which
-    read a count. `where` names each read's op. On CPU nothing waits, but the same calls happen."""
-
-    SHAPE_FROM_VALUES = {"nonzero", "masked_select", "unique", "_unique2", "unique_consecutive"}
-
-    def __init__(self, monkeypatch) -> None:
-        super().__init__()
-        self.count, self.where = 0, []
-        for name in ("tolist", "numpy"):  # reads that make no aten call on CPU
-            original = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, self._counting(name, original))
-
-    def _counting(self, name, original):
-        def counted(tensor, *args, **kwargs):
-            self._read(name)
-            return original(tensor, *args, **kwargs)
-        return counted
-
-    def _read(self, name: str) -> None:
-        self.count += 1
-        self.where.append(name)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name == "_local_scalar_dense" or name in self.SHAPE_FROM_VALUES:
-            self._read(name)
-        elif name in ("index", "index_put", "index_put_") and any(
-                isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1] if t is not None):
-            self._read(f"{name} with a boolean mask")
-        elif name == "repeat_interleave" and isinstance(args[0], torch.Tensor) and args[0].dim() > 0 \
-                and (kwargs or {}).get("output_size") is None and not (len(args) > 1 and isinstance(args[1], int)):
-            self._read(name)
-        return func(*args, **(kwargs or {}))

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import HostReads, left_padded, randomize_lora, tiny_tah
+from conftest import left_padded, randomize_lora, tiny_tah
 from tah import InputError
 from tah.generation import Sampler, generate, generate_reference
 from tah.generation import static as static_engine
 from tah.generation.generate import _use_static
+from tah.kernels.host_reads import HostReads
 
 
 def strong_model(decider: str = "random", rate: float = 0.4, **config):
@@ -81,7 +82,7 @@ def test_runners_are_reused_across_calls_and_rebuilt_when_settings_change():
     assert torch.equal(lowered.iter_counts, generate_reference(model, ids, max_new_tokens=8).iter_counts)
 
 
-def test_a_decode_step_reads_the_device_once(monkeypatch):
+def test_a_decode_step_reads_the_device_once():
     """Plain and fused steps alike: the emitted tokens are the step's only host read."""
     model = strong_model(rate=0.5)
     ids, mask = left_padded([5, 7], seed=4)
@@ -90,7 +91,7 @@ def test_a_decode_step_reads_the_device_once(monkeypatch):
     with torch.no_grad():
         out = model(ids, attention_mask=mask, past_key_values=prefill, use_cache=True, logits_to_keep=1)
         runner.load(prefill, out.logits[:, -1].argmax(-1), prefill.seen, torch.ones(2, dtype=torch.bool))
-        with HostReads(monkeypatch) as counter:
+        with HostReads() as counter:
             for fused in (False, True, False, True):
                 runner.step(fused)
     assert counter.count == 0, counter.where  # the step itself reads nothing; the decoder reads runner.out once
@@ -251,7 +252,7 @@ def test_seeded_sampling_repeats_and_top_k_1_is_greedy():
 
 
 @pytest.mark.parametrize("sampling", [{}, dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, seed=3)])
-def test_the_decoder_reads_the_device_once_a_step(monkeypatch, sampling):
+def test_the_decoder_reads_the_device_once_a_step(sampling):
     """Issue 26's rule for decode steps: one host sync a step (the emitted tokens), whatever the
     step's kind, greedy or sampling; prefill's reads come once per call."""
     model = strong_model(rate=0.5)
@@ -259,7 +260,7 @@ def test_the_decoder_reads_the_device_once_a_step(monkeypatch, sampling):
     generate(model, ids, mask, max_new_tokens=4, engine="static", **sampling)  # warm: few_rows' trials read timings
     reads, forwards = [], []
     for new in (10, 30):
-        with HostReads(monkeypatch) as counter:
+        with HostReads() as counter:
             out = generate(model, ids, mask, max_new_tokens=new, engine="static", **sampling)
         reads.append(counter.count)
         forwards.append(out.stats.forwards)

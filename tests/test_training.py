@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import HostReads, left_padded, tiny_tah
+from conftest import left_padded, tiny_tah
+from tah.kernels.host_reads import HostReads
 from tah.model.lora import DepthLoRALinear
 
 MAX_ITER = 2
@@ -350,7 +351,7 @@ def test_hard_token_weight_scales_the_ce_of_the_labelled_hard_tokens(num_items):
 
 @pytest.mark.parametrize("max_iter", [2, 3])
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
-def test_a_training_forward_reads_the_device_once(monkeypatch, max_iter, padding):
+def test_a_training_forward_reads_the_device_once(max_iter, padding):
     """Issue 26: on a GPU every read of a tensor's value makes the host wait for the device, and a
     stage-1 step read 14 times. With oracle labels every pass's tokens are known from one read (the
     forward's plan): forward and backward read nothing else, padded or not, at any depth."""
@@ -363,7 +364,7 @@ def test_a_training_forward_reads_the_device_once(monkeypatch, max_iter, padding
     iter_labels[:, ::3] = 2
     iter_labels[:, ::6] = max_iter
     iter_labels = iter_labels.masked_fill(mask == 0, -100)
-    with HostReads(monkeypatch) as reads:
+    with HostReads() as reads:
         out = model(ids, attention_mask=mask if padding != "none" else None, labels=ids, iter_labels=iter_labels)
         out.loss.backward()
     assert reads.count == 1, reads.where
