@@ -63,6 +63,7 @@ from transformers import CompileConfig, Qwen3Config, Qwen3ForCausalLM
 
 import tah
 from tah import TaHConfig, TaHForCausalLM
+from tah.eval.bench_run import TEMPERATURE, TOP_K, TOP_P
 from tah.generation import engine as eager_engine
 from tah.model.decider import ConstantDecider
 
@@ -327,7 +328,7 @@ def measure_decode(decode: Decode, row: DecodeRow, budget: Budget) -> dict:
     return record
 
 
-SAMPLING = dict(do_sample=True, temperature=0.6, top_p=0.95, top_k=20, seed=0)  # `tah eval bench`'s defaults
+SAMPLING = dict(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=TOP_K, seed=0)  # `tah eval bench`'s defaults
 DECODE_ORDER = ("hf_eager", "hf_static", "never", "10%", "10%_sampled", "always", "never_eager", "10%_eager", "10%_drafts1",
                 "10%_drafts2", "10%_drafts4", "never_compiled", "10%_compiled")  # the table's order (rows run in decode_rows' order)
 

@@ -148,67 +148,51 @@ def test_one_runner_per_batch_size_serves_every_prompt_length(monkeypatch):
     assert next(reversed(model._static_runners.values())).cache.capacity >= used[2].cache.capacity
 
 
+class GraphCounter:
+    """A torch.compile backend that runs each graph as traced and keeps it, to count them."""
+
+    def __init__(self) -> None:
+        self.graphs = []
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs.append(graph_module)
+        return graph_module.forward
+
+
 @torch.no_grad()
-def test_steps_compile_as_whole_graphs_without_recompiling():
+@pytest.mark.parametrize("sampling", [False, True])
+def test_steps_compile_as_whole_graphs_without_recompiling(sampling):
     """What CUDA graphs need, checked where torch.compile can see it: each step is one graph
     (fullgraph: no host read, no data-dependent Python), compiled once over 64 steps of either
-    kind, and it computes what the uncompiled step does."""
+    kind, and it computes what the uncompiled step does. With sampling, a step reads its randomness
+    from buffers filled before it, so both runners draw from the same noise."""
     model = strong_model(decider="mlp")
     model.set_threshold(0.4)
     ids, mask = left_padded([5, 7], seed=4)
-    compiled, plain = _loaded_runner(model, ids, mask), _loaded_runner(model, ids, mask)
-    graphs, deep_tokens = [], 0
-
-    def count(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
+    sampler = Sampler(True, temperature=0.8, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(0)) \
+        if sampling else None
+    compiled, plain = _loaded_runner(model, ids, mask, sampler), _loaded_runner(model, ids, mask, sampler)
+    counter, deep_tokens, rejected = GraphCounter(), 0, 0
     torch._dynamo.reset()
     try:
-        step = torch.compile(compiled._run, fullgraph=True, backend=count)
+        step = torch.compile(compiled._run, fullgraph=True, backend=counter)
         for i in range(64):
             kind = "fused" if i % 3 == 0 else "plain"
+            if sampling:
+                plain._draw_noise(kind == "fused")
+                for name in ("noise", "resample_noise", "uniform"):
+                    getattr(compiled, name).copy_(getattr(plain, name))
             step(kind)
             plain._run(kind)
             assert torch.equal(compiled.out, plain.out), f"step {i}"
             deep_tokens += int((plain.out[:, 0] != static_engine.NONE).sum())
-    finally:
-        torch._dynamo.reset()
-    assert len(graphs) == 2
-    assert deep_tokens > 0  # fused steps finished hard tokens
-
-
-@torch.no_grad()
-def test_sampling_steps_compile_as_whole_graphs_without_recompiling():
-    """With sampling, a step reads its randomness from buffers filled before it: still one graph a
-    step kind over 64 steps, drawing what the uncompiled step draws from the same noise."""
-    model = strong_model(decider="mlp")
-    model.set_threshold(0.4)
-    ids, mask = left_padded([5, 7], seed=4)
-    sampler = Sampler(True, temperature=0.8, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(0))
-    compiled, plain = _loaded_runner(model, ids, mask, sampler), _loaded_runner(model, ids, mask, sampler)
-    graphs, rejected = [], 0
-
-    def count(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    torch._dynamo.reset()
-    try:
-        step = torch.compile(compiled._run, fullgraph=True, backend=count)
-        for i in range(64):
-            fused = i % 3 == 0
-            plain._draw_noise(fused)
-            for name in ("noise", "resample_noise", "uniform"):
-                getattr(compiled, name).copy_(getattr(plain, name))
-            step("fused" if fused else "plain")
-            plain._run("fused" if fused else "plain")
-            assert torch.equal(compiled.out, plain.out), f"step {i}"
             rejected += int(((plain.out[:, 0] != static_engine.NONE) & (plain.out[:, 1] == static_engine.NONE)).sum())
     finally:
         torch._dynamo.reset()
-    assert len(graphs) == 2
-    assert rejected > 0  # some drafts were redrawn
+    assert len(counter.graphs) == 2
+    assert deep_tokens > 0  # fused steps finished hard tokens
+    if sampling:
+        assert rejected > 0  # some drafts were redrawn
 
 
 @torch.no_grad()
@@ -217,13 +201,8 @@ def test_compiled_sampling_steps_compile_once_for_every_call():
     recompile, minutes on a real model), so the same two graphs serve seeded calls after the first."""
     model = strong_model()
     ids, mask = left_padded([5, 9], seed=2)
-    graphs = []
-
-    def count(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    model.compile_decode_steps(backend=count)
+    counter = GraphCounter()
+    model.compile_decode_steps(backend=counter)
     torch._dynamo.reset()
     try:
         outs = [generate(model, ids, mask, max_new_tokens=16, engine="static", do_sample=True, temperature=0.9,
@@ -231,7 +210,7 @@ def test_compiled_sampling_steps_compile_once_for_every_call():
     finally:
         torch._dynamo.reset()
         model.compile_decode_steps(enabled=False)
-    assert len(graphs) == 2
+    assert len(counter.graphs) == 2
     assert torch.equal(outs[0].sequences, outs[2].sequences) and not torch.equal(outs[0].sequences, outs[1].sequences)
 
 
