@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import left_padded, randomize_lora, tiny_lm, tiny_tah
 from tah import ConfigError, TaHConfig, TaHForCausalLM
@@ -79,6 +80,54 @@ def test_per_token_depth_equals_each_depth_run_separately(num_adapters, tags, gr
     torch.testing.assert_close(separate[2], by_hand(module, x, num_adapters - 1), atol=1e-6, rtol=1e-6)
     if num_adapters == 2:
         assert not torch.allclose(separate[1], separate[2], atol=1e-3)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("shape", [(2, 5), (7,)], ids=["3d", "2d"])
+def test_a_deeper_training_pass_has_the_adapters_output_and_gradients(shape, bias):
+    """A deeper training pass (an int depth under autograd, its own out-of-place form) gives the
+    adapted linear's output and the gradients of x, the base weights and the adapter it uses, and
+    none to the adapter of another depth."""
+    module, state = random_lora_linear(2, bias=bias)
+    x = torch.randn(*shape, 12, requires_grad=True)
+    upstream = torch.randn(*shape, 10)
+    state.set(2)
+    out = module(x)
+    grads = torch.autograd.grad(out, [x, *module.parameters()], upstream, allow_unused=True)
+    expected = by_hand(module, x, 1)
+    expected_grads = torch.autograd.grad(expected, [x, *module.parameters()], upstream, allow_unused=True)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    names = ["x", *(name for name, _ in module.named_parameters())]
+    for name, got, want in zip(names, grads, expected_grads, strict=True):
+        if want is None:
+            assert got is None or not got.any(), name
+        else:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
+    assert module.lora_A[0].grad is None and grads[names.index("lora_A.0")] is None
+
+
+def test_a_deeper_training_pass_backward_copies_nothing():
+    """A GPU training step is bound by the host's launches (issue 26): the adapter's sum must not
+    make backward copy the linear's output back through a view (a clone and copies a linear)."""
+    module, state = random_lora_linear(1)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    state.set(1)
+    out = module(x)
+    with OpNames() as ops:
+        out.backward(torch.randn(2, 5, 10))
+    assert not {"clone", "copy_", "as_strided", "new_empty_strided"} & set(ops.names), ops.names
+
+
+class OpNames(TorchDispatchMode):
+    """The aten ops dispatched while active, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def test_decoding_sees_adapters_changed_after_a_forward():
