@@ -70,10 +70,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model: str, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, max_batch: int, threads: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`tah serve` of `model` on a free port, with `extra` options; (its process, its URL) once it answers."""
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "tah.cli", "serve", "--model", model, "--port", str(port),
-                                "--max-batch", str(max_batch), "--served-name", NAME, "--threads", str(threads)],
+                                "--max-batch", str(max_batch), "--served-name", NAME, "--threads", str(threads), *extra],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -159,6 +160,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="the server's torch threads (default: 1; on a small shared CPU more threads stall on "
                              "each other, which hurts batch 1 most)")
+    parser.add_argument("--device", default="auto", help="tah serve's --device (default: auto, CUDA when there is one)")
+    parser.add_argument("--engine", default="auto", choices=("auto", "eager", "static"),
+                        help="tah serve's --engine (default: auto: the static engine on a GPU)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and load: checks the script runs")
     args = parser.parse_args()
     if args.smoke:
@@ -167,11 +171,11 @@ def main() -> None:
         model = args.model or str(build_model(Path(tmp) / "model", args.smoke))
         print(f"model: {args.model or 'random Qwen3 (' + ('smoke' if args.smoke else 'hidden 256, 4 layers') + ')'}; "
               f"{args.clients} clients x {args.requests} requests x {args.max_tokens} tokens; "
-              f"server threads {args.threads}; "
+              f"server threads {args.threads}, device {args.device}, engine {args.engine}; "
               f"load average before: {os.getloadavg()[0]:.2f}")
         runs = {}
         for name, max_batch in ((f"continuous (batch {args.clients})", args.clients), ("one at a time (batch 1)", 1)):
-            process, url = start_server(model, max_batch, args.threads)
+            process, url = start_server(model, max_batch, args.threads, "--device", args.device, "--engine", args.engine)
             try:
                 runs[name] = asyncio.run(load(url, args.clients, args.requests, args.max_tokens, args.duration))
             finally:

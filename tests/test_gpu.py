@@ -311,3 +311,43 @@ def check_static_sampling_graphs_equal_no_graphs(device) -> None:
 
 def test_static_sampling_with_graphs_equals_without():
     check_static_sampling_graphs_equal_no_graphs(CUDA)
+
+
+def check_static_server_rows_with_graphs_equal_their_solo_runs(device) -> None:
+    """The server's batch on the static engine, replaying CUDA graphs: requests (greedy and seeded,
+    more than its rows) joining free rows between steps each decode their solo static run, and the
+    log-probabilities wanted come with them."""
+    try:
+        from tah.generation.static_slots import StaticBatchDecoder
+    except ImportError:
+        pytest.skip("this tah has no static-engine server batch")
+    from tah.generation.sampling import Sampler
+    from tah.generation.slots import Request
+    model = strong_model("random", rate=0.5).to(device).eval()
+    decoder = StaticBatchDecoder(model, max_batch=3, graphs=device.type == "cuda")
+    prompts = [[3 + (5 * i + j) % 50 for j in range(2 + i % 5)] for i in range(7)]
+
+    def request(i: int) -> Request:
+        sampler = Sampler(True, temperature=0.8, top_p=0.9, generator=torch.Generator(device=device).manual_seed(i)) \
+            if i % 2 else Sampler()
+        return Request(prompts[i], 10 + 3 * i, sampler, {7}, logprobs=2 if i % 3 == 0 else None)
+
+    rows, waiting = {}, list(range(len(prompts)))
+    while waiting or decoder.rows:
+        while waiting and len(decoder.rows) < 3:
+            i = waiting.pop(0)
+            rows[i] = decoder.join(request(i))
+        decoder.step()
+        decoder.leave([row for row in decoder.rows if row.done])
+    for i, prompt in enumerate(prompts):
+        sampling = dict(do_sample=True, temperature=0.8, top_p=0.9, seed=i) if i % 2 else {}
+        out = generate(model, torch.tensor([prompt], device=device), max_new_tokens=10 + 3 * i, eos_token_id=7,
+                       engine="static", **sampling)
+        count = int((out.iter_counts[0] > 0).sum())
+        assert rows[i].tokens == out.sequences[0, len(prompt):len(prompt) + count].tolist(), i
+        assert rows[i].passes == out.iter_counts[0, :count].tolist(), i
+        assert len(rows[i].logprobs) == (count if i % 3 == 0 else 0)
+
+
+def test_static_server_rows_with_graphs_equal_their_solo_runs():
+    check_static_server_rows_with_graphs_equal_their_solo_runs(CUDA)

@@ -118,11 +118,11 @@ def test_auto_takes_the_eager_engine_on_cpu_and_for_max_iter_3():
 
 
 def _loaded_runner(model, ids, mask, sampler=None):
-    runner = static_engine.StaticRunner(model, ids.shape[0], 255, torch.float32, torch.device("cpu"), graphs=False,
-                                        sampler=sampler)
+    runner = static_engine.StaticRunner(model, ids.shape[0], 255, torch.float32, torch.device("cpu"), graphs=False)
     prefill = static_engine.TaHCache(capacity=ids.shape[1])
     out = model(ids, attention_mask=mask, past_key_values=prefill, use_cache=True, logits_to_keep=1)
-    runner.load(prefill, out.logits[:, -1].argmax(-1), prefill.seen, torch.ones(ids.shape[0], dtype=torch.bool))
+    runner.load(prefill, out.logits[:, -1].argmax(-1), prefill.seen, torch.ones(ids.shape[0], dtype=torch.bool),
+                sampler)
     return runner
 
 
@@ -179,11 +179,11 @@ def test_steps_compile_as_whole_graphs_without_recompiling(sampling):
         for i in range(64):
             kind = "fused" if i % 3 == 0 else "plain"
             if sampling:
-                plain._draw_noise(kind == "fused")
+                plain.draw_noise(sampler.generator, kind == "fused")
                 for name in ("noise", "resample_noise", "uniform"):
                     getattr(compiled, name).copy_(getattr(plain, name))
-            step(kind)
-            plain._run(kind)
+            step(kind, sampling)
+            plain._run(kind, sampling)
             assert torch.equal(compiled.out, plain.out), f"step {i}"
             deep_tokens += int((plain.out[:, 0] != static_engine.NONE).sum())
             rejected += int(((plain.out[:, 0] != static_engine.NONE) & (plain.out[:, 1] == static_engine.NONE)).sum())

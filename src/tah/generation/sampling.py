@@ -100,3 +100,41 @@ def accept_drawn(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, uniform
     mass = residual.sum(-1, keepdim=True)
     residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)  # p == q: never rejected anyway
     return accepted, torch.where(accepted, drafts, draw(residual, noise))
+
+
+class RowSampling:
+    """Each row's sampling settings as (B, 1) tensors on the device: what a static-shape decode step
+    reads, so that rows with different settings (a server's requests) share one captured step, and
+    changing a row's settings is a copy between steps, not a new capture. `set_row` from a Sampler;
+    `probs` gives each row its Sampler's distribution (the same ops, per row; a greedy row's is
+    that of temperature 1e-6 and is not used); `greedy` (B,) marks the rows that take the argmax."""
+
+    def __init__(self, batch: int, device: torch.device) -> None:
+        floats = dict(dtype=torch.float32, device=device)
+        self.temperature = torch.ones(batch, 1, **floats)
+        self.top_k = torch.zeros(batch, 1, dtype=torch.long, device=device)  # 0: off
+        self.top_p = torch.ones(batch, 1, **floats)  # 1: off
+        self.min_p = torch.zeros(batch, 1, **floats)  # 0: off
+        self.greedy = torch.ones(batch, dtype=torch.bool, device=device)
+
+    def set_row(self, row: int | slice, sampler: Sampler) -> None:
+        """Row `row` (or every row of a slice) samples as `sampler` from the next step on."""
+        self.temperature[row] = max(sampler.temperature, 1e-6)
+        self.top_k[row] = sampler.top_k
+        self.top_p[row] = sampler.top_p
+        self.min_p[row] = sampler.min_p
+        self.greedy[row] = sampler.greedy
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits -> (B, V) float32 distributions, row b after row b's temperature, top-k,
+        top-p and min-p. No host reads, no data-dependent shapes."""
+        scores = logits.float() / self.temperature
+        vocab = scores.shape[-1]
+        ranked = scores.sort(-1, descending=True).values
+        kth = ranked.gather(-1, torch.where(self.top_k > 0, self.top_k.clamp(max=vocab), vocab) - 1)
+        probs = torch.softmax(scores.masked_fill(scores < kth, float("-inf")), dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = (sorted_probs.cumsum(-1) - sorted_probs >= self.top_p) & (self.top_p < 1)
+        probs = probs.masked_fill(outside.scatter(-1, order, outside), 0)
+        probs = probs.masked_fill(probs < self.min_p * probs.amax(-1, keepdim=True), 0)
+        return probs / probs.sum(-1, keepdim=True)

@@ -43,7 +43,7 @@ import torch
 
 from tah.generation.engine import DecodeStats, output, stream
 from tah.generation.reference import GenerationOutput
-from tah.generation.sampling import Sampler, accept_drawn, draw, greedy_tokens
+from tah.generation.sampling import RowSampling, Sampler, accept_drawn, draw, greedy_tokens
 from tah.model.cache import TaHCache
 from tah.model.decider import ConstantDecider, RandomDecider
 from tah.model.static_cache import StaticTaHCache
@@ -52,6 +52,7 @@ from tah.model.step import Queries
 SLOT_ROUNDING = 256  # capacities are rounded up to a multiple of this, so runners are reused across calls
 KEPT_RUNNERS = 4  # batch sizes whose static runner (buffers + graphs) a model keeps, least recently used dropped
 NONE = -1  # "no token" in the emitted tensor
+TOP_LOGPROBS = 20  # the most likely tokens a step's log-probabilities list (OpenAI's top_logprobs allows 20)
 
 
 def supports(model, fused: bool) -> str | None:
@@ -69,13 +70,13 @@ def _decides(model) -> bool:
 
 
 class StaticRunner:
-    """The fixed buffers of one (model, batch, capacity, sampling settings) and the step functions
-    over them; the CUDA graphs that replay those functions when `graphs` is set. `sampler` None or
-    greedy: argmax tokens; else its settings are baked into the steps, and each call's generator
-    is given to `load`."""
+    """The fixed buffers of one (model, batch, capacity) and the step functions over them; the CUDA
+    graphs that replay those functions when `graphs` is set. Each row's sampling settings are
+    buffers too (`sampling`), so rows may differ (a server's) and no settings are baked into a
+    graph; a step's kind says whether any row samples and whether log-probabilities are wanted."""
 
     def __init__(self, model, batch: int, capacity: int, dtype: torch.dtype, device: torch.device,
-                 graphs: bool, sampler: Sampler | None = None) -> None:
+                 graphs: bool) -> None:
         text = model.lm.config.get_text_config()
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -97,65 +98,82 @@ class StaticRunner:
         # (NONE where none), then whether the row has a pending hard token after the step
         self.out = torch.full((batch, 3), NONE, **long)
         self.fused_depth = torch.tensor([[1, 0]], **long).expand(batch, 2)
-        self.sampler = None if sampler is None or sampler.greedy else sampler
-        self.generator: torch.Generator | None = None  # the current call's (`load`)
-        if self.sampler is not None:
-            floats = dict(dtype=torch.float32, device=device)
-            self.hard_q = torch.zeros(batch, vocab, **floats)  # the pending hard token's depth-0 distribution
-            self.noise = torch.ones(batch, vocab, **floats)  # Exp(1): a step's depth-0 draws
-            self.resample_noise = torch.ones(batch, vocab, **floats)  # Exp(1): a rejected draft's redraw
-            self.uniform = torch.zeros(batch, **floats)  # a draft's acceptance
-        self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
-        self.settings = _settings_key(model, sampler)
+        self.sampling = RowSampling(batch, device)
+        floats = dict(dtype=torch.float32, device=device)
+        self.hard_q = torch.zeros(batch, vocab, **floats)  # the pending hard token's depth-0 distribution
+        self.noise = torch.ones(batch, vocab, **floats)  # Exp(1): a step's depth-0 draws
+        self.resample_noise = torch.ones(batch, vocab, **floats)  # Exp(1): a rejected draft's redraw
+        self.uniform = torch.zeros(batch, **floats)  # a draft's acceptance
+        # with log-probabilities, per row and emitted token ([from a hard token's final logits, from
+        # depth 0], as in `out`): its log-probability and the TOP_LOGPROBS most likely tokens'
+        top = min(TOP_LOGPROBS, vocab)
+        self.logprob = torch.zeros(batch, 2, **floats)
+        self.top_ids = torch.zeros(batch, 2, top, **long)
+        self.top_logprobs = torch.zeros(batch, 2, top, **floats)
+        self._variant = (False, False)  # (sampled, logprobs) of the step being traced or run
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.settings = _settings_key(model)
         options = compile_options(model)
         # compiled once per runner and step kind (and again after `grow`); the graph captures the compiled code
         self._step = self._run if options is None else torch.compile(self._run, fullgraph=True, **options)
 
     # -- host side -----------------------------------------------------------------------------
     def load(self, cache: TaHCache, first: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
-             generator: torch.Generator | None = None) -> None:
+             sampler: Sampler | None = None) -> None:
         """Start from a prefill: its cache entries, each row's first token (B,), that token's
-        position (B,) and the rows that go on (B,) bool. generator: the call's (sampling; None: torch's default)."""
-        self.generator = generator  # not on self.sampler: the steps (maybe compiled) keep reading one object
+        position (B,), the rows that go on (B,) bool, and every row's sampling settings (None: greedy)."""
         self.cache.take_entries(cache, int(cache.fill.max()))
         self.token.copy_(first)
         self.position.copy_(positions)
         self.active.copy_(active)
         self.pending.zero_()
+        self.sampling.set_row(slice(None), sampler or Sampler())
 
-    def step(self, fused: bool) -> None:
-        """One step (replayed from its graph once captured); results in `self.out`."""
-        kind = "fused" if fused else "plain"
-        self._draw_noise(fused)
+    def join_row(self, row: int, cache: TaHCache, first: int, position: int, sampler: Sampler) -> None:
+        """Row `row` starts from a one-row prefill (a request joining a server's batch): its cache
+        entries, its first token and that token's position, its sampling settings. The other rows
+        are left as they are; the row's own state left by an earlier request is overwritten."""
+        self.cache.take_row(row, cache)
+        self.token[row], self.position[row] = first, position
+        self.active[row], self.pending[row] = True, False
+        self.sampling.set_row(row, sampler)
+
+    def draw_noise(self, generator: torch.Generator | None, fused: bool, row: int | None = None) -> None:
+        """A step's randomness from `generator` (None: torch's default) into its buffers, before the
+        step and outside any graph (see the module's docstring): Exp(1) noise for the depth-0 draws,
+        and for a fused step a uniform and Exp(1) noise for the drafts' acceptance. Of every row, or
+        of row `row` only (a server's request, drawing from its own generator what its solo run draws)."""
+        where = slice(None) if row is None else slice(row, row + 1)
+        self.noise[where].exponential_(generator=generator)
+        if fused:
+            self.uniform[where].uniform_(generator=generator)
+            self.resample_noise[where].exponential_(generator=generator)
+
+    def step(self, fused: bool, sampled: bool = False, logprobs: bool = False) -> None:
+        """One step (replayed from its graph once captured); results in `self.out` (and with
+        `logprobs`, in `logprob`, `top_ids`, `top_logprobs`). `sampled`: some row samples (its noise
+        drawn by `draw_noise` first); else every row takes the argmax."""
+        kind = ("fused" if fused else "plain", sampled, logprobs)
         if not self.graphs:
-            self._step(kind)
+            self._step(*kind)
             return
         graph = self._graphs.get(kind)
         if graph is None:
             try:
                 graph = self._graphs[kind] = self._capture(kind)
             except RuntimeError as error:  # an op that cannot be captured: go on without graphs, and say so
-                warnings.warn(f"tah: CUDA graph capture of the {kind} decode step failed ({error}); "
+                warnings.warn(f"tah: CUDA graph capture of the {kind[0]} decode step failed ({error}); "
                               "decoding goes on without CUDA graphs (slower)", stacklevel=2)
                 self.graphs = False
-                self._step(kind)
+                self._step(*kind)
                 return
         graph.replay()
 
-    def _draw_noise(self, fused: bool) -> None:
-        """A step's randomness, into its buffers (outside any graph: see the module's docstring)."""
-        if self.sampler is None:
-            return
-        generator = self.generator
-        self.noise.exponential_(generator=generator)
-        if fused:
-            self.uniform.uniform_(generator=generator)
-            self.resample_noise.exponential_(generator=generator)
-
-    def _run(self, kind: str) -> None:
+    def _run(self, kind: str, sampled: bool = False, logprobs: bool = False) -> None:
         state = self.model.depth_state
         state.device_only = True  # the LoRA linears read no tags on the host
         state.column_hint = (0, 1)  # a fused step's deep queries: column 0, depth 1 (max_iter 2)
+        self._variant = (sampled, logprobs)  # (constants where compiled: one graph per variant)
         try:
             self._fused() if kind == "fused" else self._plain()
         finally:
@@ -166,7 +184,7 @@ class StaticRunner:
         self.cache = self.cache.grown(capacity)
         self._graphs = {}
 
-    def _capture(self, kind: str) -> torch.cuda.CUDAGraph:
+    def _capture(self, kind: tuple) -> torch.cuda.CUDAGraph:
         """Warm the step up on a side stream, then capture it. The warm-up really runs, so the state it
         changes (tags, fills, the rows' state; keys and values are written at free slots only) is
         put back afterwards."""
@@ -175,12 +193,12 @@ class StaticRunner:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._step(kind)  # (a compiled step compiles here, before the capture)
+                self._step(*kind)  # (a compiled step compiles here, before the capture)
             torch.cuda.current_stream().wait_stream(side)
             self._restore(saved)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._step(kind)
+                self._step(*kind)
         finally:
             self._restore(saved)  # capture itself runs nothing, but a failed warm-up may have
         return graph
@@ -194,9 +212,8 @@ class StaticRunner:
 
     def _state_tensors(self) -> list[torch.Tensor]:
         c = self.cache
-        sampling = [] if self.sampler is None else [self.hard_q]
         return [c.pos, c.depth, c.valid, c.fill, self.token, self.position, self.active, self.pending,
-                self.hard_acc, self.hard_pos, self.out, *sampling]
+                self.hard_acc, self.hard_pos, self.out, self.hard_q]
 
     # -- device side: the two steps ------------------------------------------------------------
     def _plain(self) -> None:
@@ -215,7 +232,10 @@ class StaticRunner:
         real = torch.stack([deep, self.active], 1)
         queries = Queries(inputs, positions, self.fused_depth, real)
         logits, hidden = self.model.run_pass(queries, self.cache, self.need_hidden)
-        final_token, accepted = self._deep_pick(self.hard_acc + logits[:, 0])
+        final = self.hard_acc + logits[:, 0]
+        final_token, accepted = self._deep_pick(final)
+        if self._variant[1]:
+            self._log_probs(0, final, final_token)
         rejected = deep & ~accepted  # the draft was not the hard token's final pick
         self.cache.drop_last(rejected)
         self.out[:, 0].copy_(torch.where(deep, final_token, NONE))
@@ -229,6 +249,8 @@ class StaticRunner:
         Either way the pick runs next, one position on. Rows where `ran` is False keep their state
         (a rejected draft's row keeps the token just set)."""
         pick, probs = self._pick(logits)
+        if self._variant[1]:
+            self._log_probs(1, logits, pick)
         hard = self._hard(logits, hidden, column) & ran if self.decides else torch.zeros_like(ran)
         self.out[:, 1].copy_(torch.where(ran & ~hard, pick, NONE))
         self.hard_acc.copy_(torch.where(hard[:, None], logits, self.hard_acc))
@@ -241,22 +263,33 @@ class StaticRunner:
         self.out[:, 2].copy_(hard.long())
 
     def _pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, V) depth-0 logits -> (B,) tokens (argmax, or drawn with the step's noise) and the
-        distribution drawn from (None when greedy)."""
-        if self.sampler is None:
-            return greedy_tokens(logits), None
-        probs = self.sampler.probs(logits)
-        return draw(probs, self.noise), probs
+        """(B, V) depth-0 logits -> (B,) tokens (the argmax, or for sampling rows drawn with the step's
+        noise) and the distributions drawn from (None when no row samples)."""
+        argmax = greedy_tokens(logits)
+        if not self._variant[0]:
+            return argmax, None
+        probs = self.sampling.probs(logits)
+        return torch.where(self.sampling.greedy, argmax, draw(probs, self.noise)), probs
 
     def _deep_pick(self, final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, V) a pending hard token's final logits -> ((B,) its token, (B,) bool whether the draft
-        (`self.token`) is that token): the argmax, or speculative acceptance of the draft."""
-        if self.sampler is None:
-            token = greedy_tokens(final)
-            return token, token == self.token
-        accepted, token = accept_drawn(self.sampler.probs(final), self.token, self.hard_q, self.uniform,
+        (`self.token`) is that token): the argmax, or for sampling rows speculative acceptance of the draft."""
+        argmax = greedy_tokens(final)
+        if not self._variant[0]:
+            return argmax, argmax == self.token
+        accepted, token = accept_drawn(self.sampling.probs(final), self.token, self.hard_q, self.uniform,
                                        self.resample_noise)
-        return token, accepted
+        greedy = self.sampling.greedy
+        return torch.where(greedy, argmax, token), torch.where(greedy, argmax == self.token, accepted)
+
+    def _log_probs(self, column: int, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Log-probabilities under (B, V) `logits` (unscaled, as the eager engine reports them) of
+        (B,) `tokens` and of the most likely tokens, into column `column` of the logprob buffers."""
+        scores = torch.log_softmax(logits.float(), -1)
+        self.logprob[:, column] = scores.gather(-1, tokens[:, None])[:, 0]
+        top = scores.topk(self.top_ids.shape[-1], dim=-1)
+        self.top_ids[:, column] = top.indices
+        self.top_logprobs[:, column] = top.values
 
     def _hard(self, logits: torch.Tensor, hidden: tuple | None, column: int) -> torch.Tensor:
         """(B,) bool: does the decider send each row's depth-0 token (at `column`) to depth 1?"""
@@ -268,14 +301,11 @@ class StaticRunner:
         return self.model.decide(logits[:, None], states, positions, 0)[:, 0]
 
 
-def _settings_key(model, sampler: Sampler | None) -> tuple:
+def _settings_key(model) -> tuple:
     """What a captured graph bakes in besides its buffers: the decider and its threshold, max_iter,
-    the sampling settings, and whether (and how) its steps are compiled."""
+    and whether (and how) its steps are compiled. (Sampling settings are buffers.)"""
     config = model.tah_config
-    sampling = None if sampler is None or sampler.greedy else \
-        (sampler.temperature, sampler.top_k, sampler.top_p, sampler.min_p)
-    return (id(model.decider), config.threshold, config.max_iter, config.input_topk, sampling,
-            repr(compile_options(model)))
+    return (id(model.decider), config.threshold, config.max_iter, config.input_topk, repr(compile_options(model)))
 
 
 def compile_options(model) -> dict | None:
@@ -288,8 +318,8 @@ def rounded_capacity(slots: int) -> int:
     return -(-(slots + 1) // SLOT_ROUNDING) * SLOT_ROUNDING - 1
 
 
-def runner_for(model, batch: int, capacity: int, dtype: torch.dtype, device: torch.device, graphs: bool,
-               sampler: Sampler | None = None) -> StaticRunner:
+def runner_for(model, batch: int, capacity: int, dtype: torch.dtype, device: torch.device,
+               graphs: bool) -> StaticRunner:
     """The kept runner of this batch size if its settings match and its cache holds `capacity`
     slots a row, else a new one in its place. One runner per batch size (KEPT_RUNNERS sizes, the
     least recently used dropped): a runner's KV buffers are batch x capacity slots of every layer
@@ -301,11 +331,11 @@ def runner_for(model, batch: int, capacity: int, dtype: torch.dtype, device: tor
     runners: OrderedDict = model.__dict__.setdefault("_static_runners", OrderedDict())
     key = (batch, dtype, str(device), graphs)
     runner = runners.get(key)
-    if runner is None or runner.settings != _settings_key(model, sampler) or runner.cache.capacity < capacity:
+    if runner is None or runner.settings != _settings_key(model) or runner.cache.capacity < capacity:
         if runner is not None:
             capacity = max(capacity, runner.cache.capacity)  # the calls it served fit the new one too
             del runners[key], runner  # its buffers and graphs freed before the new ones are made
-        runner = StaticRunner(model, batch, capacity, dtype, device, graphs, sampler)
+        runner = StaticRunner(model, batch, capacity, dtype, device, graphs)
     runners[key] = runner
     runners.move_to_end(key)
     while len(runners) > KEPT_RUNNERS:
@@ -336,8 +366,7 @@ class StaticDecoder:
         # Worst case a row holds every prompt entry, then 1 slot per new token plus the deep ones; start
         # with room for a quarter of the new tokens going deep, growing if a row gets near the end.
         used = int(prefill.fill.max())
-        runner = runner_for(self.model, batch, used + self.max_new + self.max_new // 4 + 2, out.logits.dtype, device, graphs,
-                            self.sampler)
+        runner = runner_for(self.model, batch, used + self.max_new + self.max_new // 4 + 2, out.logits.dtype, device, graphs)
         first_list, passes = first.tolist(), out.iter_count[:, -1].tolist()
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.passes: list[list[int]] = [[] for _ in range(batch)]
@@ -345,7 +374,8 @@ class StaticDecoder:
         for b in range(batch):
             self._emit(b, first_list[b], passes[b])
         active = torch.tensor([not d for d in self.done], device=device)
-        runner.load(prefill, first, prefill.seen, active, self.sampler.generator)
+        runner.load(prefill, first, prefill.seen, active, self.sampler)
+        sampled = not self.sampler.greedy
         self.stats.prefill_seconds = time.perf_counter() - started
         pending, bound = False, used  # a bound on every row's fill, known without reading it
         while not all(self.done):
@@ -354,7 +384,9 @@ class StaticDecoder:
                 if bound + 2 > runner.cache.capacity:
                     runner.grow(rounded_capacity(2 * runner.cache.capacity))
             step_started = time.perf_counter()
-            runner.step(fused=pending)
+            if sampled:
+                runner.draw_noise(self.sampler.generator, pending)
+            runner.step(fused=pending, sampled=sampled)
             bound += 2 if pending else 1
             emitted = runner.out.tolist()  # the step's one host sync
             self.stats.record_step(pending, time.perf_counter() - step_started)

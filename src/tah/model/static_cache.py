@@ -44,6 +44,21 @@ class StaticTaHCache:
             mine[:, :slots] = theirs[:, :slots]
         self.fill.copy_(cache.fill)
 
+    def take_row(self, row: int, cache) -> None:
+        """Row `row` holds the entries of one-row `cache` (a request's own prefill, `TaHCache` with one
+        run of slots), every later slot invalid; the other rows are left as they are."""
+        slots = int(cache.fill[0])
+        if getattr(cache, "deep_capacity", None) is not None or cache.fill.shape[0] != 1:
+            raise ValueError("take_row takes a one-row TaHCache with one run of slots (deep_capacity=None)")
+        if slots > self.capacity:
+            raise ValueError(f"{slots} slots do not fit a static cache of {self.capacity}")
+        for mine, theirs in zip(self.keys + self.values, cache.keys + cache.values, strict=True):
+            mine[row, :, :slots] = theirs[0, :, :slots]
+        for mine, theirs in ((self.pos, cache.pos), (self.depth, cache.depth), (self.valid, cache.valid)):
+            mine[row].zero_()
+            mine[row, :slots] = theirs[0, :slots]
+        self.fill[row] = slots
+
     def grown(self, capacity: int) -> StaticTaHCache:
         """A copy with more slots a row (the same entries in the same slots)."""
         batch, kv_heads, _, head_dim = self.keys[0].shape

@@ -20,7 +20,7 @@ from tah.errors import InputError
 from tah.generation.generate import _eos_set, _stop_checker
 from tah.generation.sampling import Sampler
 from tah.generation.slots import Request as DecodeRequest
-from tah.serve.engine import Engine, Job, QueueFull
+from tah.serve.engine import Engine, Job, QueueFull, batch_decoder
 from tah.serve.metrics import Metrics
 from tah.serve.schemas import ChatRequest, CompletionRequest, RequestError, error_body
 from tah.serve.text import TextStream, chat_logprobs, completion_logprobs
@@ -29,15 +29,19 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat
 DISCONNECT_POLL_SECONDS = 0.5
 
 
-def build_app(model, tokenizer, *, model_name: str, max_batch: int = 32, max_waiting: int = 256) -> FastAPI:
+def build_app(model, tokenizer, *, model_name: str, max_batch: int = 32, max_waiting: int = 256,
+              engine: str = "auto") -> FastAPI:
     """An app serving `model` (a TaHForCausalLM in eval mode) as `model_name`. Its engine thread
-    starts with the app's lifespan and stops after it (uvicorn drains the running requests first)."""
+    starts with the app's lifespan and stops after it (uvicorn drains the running requests first).
+    engine: the decode engine of the running batch (`tah.serve.engine.batch_decoder`); InputError
+    here, before serving, if it cannot take the model."""
+    batch_decoder(model, max_batch=max_batch, engine=engine)
     metrics = Metrics()
     server = _Server(model, tokenizer, model_name, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        server.engine = Engine(model, max_batch=max_batch, max_waiting=max_waiting, metrics=metrics)
+        server.engine = Engine(model, max_batch=max_batch, max_waiting=max_waiting, metrics=metrics, engine=engine)
         server.engine.start()
         yield
         server.engine.close()
@@ -278,23 +282,46 @@ def _sse(payload: dict) -> str:
 
 
 def load_app(model_dir: str, *, threshold: float | None = None, served_name: str | None = None,
-             max_batch: int = 32, max_waiting: int = 256) -> FastAPI:
-    """The app `tah serve` runs: the checkpoint and its tokenizer loaded from `model_dir`."""
+             max_batch: int = 32, max_waiting: int = 256, device: str = "auto", engine: str = "auto") -> FastAPI:
+    """The app `tah serve` runs: the checkpoint and its tokenizer loaded from `model_dir`, on `device`
+    ("auto": CUDA in bfloat16 when there is a GPU, else the CPU in float32; or "cpu", "cuda", "cuda:N")."""
+    from tah.generation.generate import ENGINES
     from tah.model.checkpoint import load_tokenizer
     from tah.model.tah_model import TaHForCausalLM
 
     for option, value in (("--max-batch", max_batch), ("--max-waiting", max_waiting)):
         if value < 1:
             raise InputError(f"{option} must be >= 1; got {value}")
+    if engine not in ENGINES:
+        raise InputError(f"--engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    where = serving_device(device)
     overrides = {} if threshold is None else {"threshold": threshold}
-    model = TaHForCausalLM.from_pretrained(model_dir, **overrides).eval()
+    dtype = torch.bfloat16 if where.type == "cuda" else None
+    model = TaHForCausalLM.from_pretrained(model_dir, dtype=dtype, **overrides).to(where).eval()
     tokenizer = load_tokenizer(model_dir)
     return build_app(model, tokenizer, model_name=served_name or str(model_dir), max_batch=max_batch,
-                     max_waiting=max_waiting)
+                     max_waiting=max_waiting, engine=engine)
+
+
+def serving_device(name: str) -> torch.device:
+    """`--device`: "auto" is CUDA when there is a GPU, else the CPU. InputError for a device that is not
+    there (before the model loads)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device must be auto, cpu, cuda or cuda:N; got {name!r}")
+    return device
 
 
 def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32, max_waiting: int = 256,
-          threshold: float | None = None, threads: int | None = None, served_name: str | None = None) -> None:
+          threshold: float | None = None, threads: int | None = None, served_name: str | None = None,
+          device: str = "auto", engine: str = "auto") -> None:
     """Serve a TaH checkpoint over HTTP with the OpenAI API: POST /v1/chat/completions and
     /v1/completions (streaming or not), GET /v1/models, /health and /metrics (Prometheus). Requests
     join the running batch between decode steps and leave it when done (continuous batching); each
@@ -303,7 +330,8 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, max_batc
 
     Args:
         model_dir: the checkpoint directory, with its tokenizer files.
-        host, port, max_batch, max_waiting, threshold, served_name: as `load_app` and uvicorn take them.
+        host, port, max_batch, max_waiting, threshold, served_name, device, engine: as `load_app` and
+            uvicorn take them.
         threads: CPU threads for torch's products (None: torch's default).
     Raises:
         InputError: a setting below 1, before the model loads.
@@ -315,5 +343,5 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, max_batc
             raise InputError(f"--threads must be >= 1; got {threads}")
         torch.set_num_threads(threads)
     app = load_app(model_dir, threshold=threshold, served_name=served_name, max_batch=max_batch,
-                   max_waiting=max_waiting)
+                   max_waiting=max_waiting, device=device, engine=engine)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -18,6 +18,13 @@ def register_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--threads", type=int, default=None,
                        help="CPU threads for the model's products (default: torch's). On a busy CPU, fewer "
                             "threads than cores leave one for the HTTP side and avoid threads waiting on each other")
+    serve.add_argument("--device", default="auto",
+                       help="where the model runs: auto (CUDA in bfloat16 when there is a GPU, else the CPU), cpu, "
+                            "cuda or cuda:N (default: auto)")
+    serve.add_argument("--engine", choices=("auto", "eager", "static"), default="auto",
+                       help="decode engine of the running batch: auto (static-shape steps in CUDA graphs on a GPU "
+                            "where the model allows, max_iter <= 2; the eager engine otherwise, the faster on a "
+                            "CPU), eager or static (default: auto)")
     serve.add_argument("--served-name", default=None, help="the model name clients send (default: --model as given)")
     serve.set_defaults(run=_serve)
 
@@ -26,4 +33,5 @@ def _serve(args: argparse.Namespace) -> None:
     from tah.serve.app import serve
 
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_waiting=args.max_waiting,
-          threshold=args.threshold, threads=args.threads, served_name=args.served_name)
+          threshold=args.threshold, threads=args.threads, served_name=args.served_name, device=args.device,
+          engine=args.engine)

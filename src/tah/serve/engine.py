@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass, field
 
 from tah.errors import TaHError
+from tah.generation.generate import _use_static
 from tah.generation.slots import BatchDecoder, Request, Row
+from tah.generation.static_slots import StaticBatchDecoder
 from tah.serve.metrics import Metrics
 
 log = logging.getLogger("tah.serve")
@@ -62,10 +64,21 @@ class QueueFull(Exception):
     """Too many requests wait already."""
 
 
+def batch_decoder(model, *, max_batch: int, engine: str = "auto") -> BatchDecoder | StaticBatchDecoder:
+    """The running batch's decoder. engine "auto": the static engine's (CUDA graphs) on a GPU where it
+    supports the model (max_iter <= 2), as `tah.generate` chooses, since the eager engine is bound by
+    launching kernels there; else the eager engine's, the faster on a CPU. "eager" or "static" force
+    one; InputError if the static engine cannot take the model."""
+    if _use_static(model, engine, True, None, model.device):
+        return StaticBatchDecoder(model, max_batch=max_batch)
+    return BatchDecoder(model)
+
+
 class Engine:
-    def __init__(self, model, *, max_batch: int, max_waiting: int, metrics: Metrics) -> None:
+    def __init__(self, model, *, max_batch: int, max_waiting: int, metrics: Metrics, engine: str = "auto") -> None:
         self.model, self.max_batch, self.metrics = model, max_batch, metrics
-        self.decoder = BatchDecoder(model)
+        self._new_decoder = lambda: batch_decoder(model, max_batch=max_batch, engine=engine)
+        self.decoder = self._new_decoder()
         self.waiting: queue.Queue[Job] = queue.Queue(max_waiting)
         self.jobs: dict[int, Job] = {}  # id(row) -> its job, for the rows in the batch
         self._stop = threading.Event()
@@ -111,7 +124,7 @@ class Engine:
                 for job in self.jobs.values():
                     job.put("error", "internal error while decoding (see the server log)", 500)
                 self.jobs.clear()
-                self.decoder = BatchDecoder(self.model)
+                self.decoder = self._new_decoder()
             self.metrics.running.set(self.running)
 
     def _drop_cancelled(self) -> None:
