@@ -3,6 +3,8 @@ as the plain loop, every decision on the device, one host sync per step, a cache
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from tah import InputError
 from tah.generation import Sampler, generate, generate_reference
 from tah.generation import static as static_engine
 from tah.generation.generate import _use_static
+from tah.generation.sampling import RowSampling
 from tah.kernels.host_reads import HostReads
 
 
@@ -305,3 +308,22 @@ def test_compiled_steps_decode_the_tokens_of_the_plain_loop():
     assert next(reversed(model._static_runners.values())) is not eager_runner
     model.compile_decode_steps(enabled=False)
     assert static_engine.compile_options(model) is None
+
+
+def test_row_sampling_gives_each_row_its_samplers_distribution():
+    """The static engine's per-row settings (a server's rows differ): each row's distribution is the one
+    its own Sampler gives, support and all, whatever the other rows ask (ties at the top included)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 300, generator=generator) * 3
+    logits[0, :5] = logits[0].max()
+    settings = [Sampler(True, temperature=t, top_k=k, top_p=p, min_p=m)
+                for t, k, p, m in itertools.product([0.6, 1.3], [0, 1, 20, 500], [1.0, 0.9, 0.3], [0.0, 0.1])]
+    for first in range(0, len(settings), 6):
+        rows = RowSampling(6, torch.device("cpu"))
+        for b, sampler in enumerate(settings[first:first + 6]):
+            rows.set_row(b, sampler)
+        got = rows.probs(logits)
+        for b, sampler in enumerate(settings[first:first + 6]):
+            expected = sampler.probs(logits[b:b + 1])[0]
+            assert torch.equal(got[b] > 0, expected > 0), sampler
+            torch.testing.assert_close(got[b], expected, atol=1e-6, rtol=1e-5)

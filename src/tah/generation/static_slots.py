@@ -24,6 +24,11 @@ from tah.generation.slots import Request, Row
 from tah.generation.static import NONE, StaticRunner, rounded_capacity
 from tah.model.cache import TaHCache
 
+# Slots a joining row is given room for past its prompt's: every row of the runner gets the same
+# capacity, so reserving each request's worst case (max_tokens can be the whole context) would
+# multiply it by the batch; rows that need more grow the runner as they get there.
+JOIN_HEADROOM = 512
+
 
 class StaticBatchDecoder:
     """`slots.BatchDecoder`'s contract (`join`, `step`, `leave`, `rows`) on the static engine, for
@@ -58,8 +63,8 @@ class StaticBatchDecoder:
         if row.done:
             return row
         used = int(prefill.fill[0])
-        runner = self._runner_with_room(used + request.max_new_tokens + request.max_new_tokens // 4 + 2,
-                                        out.logits.dtype)
+        headroom = min(request.max_new_tokens + request.max_new_tokens // 4, JOIN_HEADROOM)
+        runner = self._runner_with_room(used + headroom + 2, out.logits.dtype)
         place = min(set(range(self.max_batch)) - set(self._place.values()))
         runner.join_row(place, prefill, first_token, len(request.prompt), request.sampler)
         self.rows.append(row)
