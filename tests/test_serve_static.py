@@ -4,6 +4,7 @@ when done or cancelled; each row's tokens, passes and draws are its solo static 
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -16,7 +17,8 @@ from tah.generation.slots import BatchDecoder
 from tah.generation.static_slots import StaticBatchDecoder
 from tah.kernels.host_reads import HostReads
 from tah.serve.app import load_app, serving_device
-from tah.serve.engine import batch_decoder
+from tah.serve.engine import Engine, Job, batch_decoder
+from tah.serve.metrics import Metrics
 from test_serve import NAME, ServerThread, ask, build_checkpoint, chat_ids
 from test_serve_slots import EOS, as_request, mixed_requests, strong_model
 
@@ -126,6 +128,37 @@ def test_the_server_picks_its_engine_by_device_and_model():
             continue
         with pytest.raises(InputError, match=words):
             serving_device(bad)
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_a_failing_step_fails_its_requests_and_the_engine_serves_on(engine):
+    """A bug in a decode step answers the running requests with an error (500) and the engine goes on
+    with a new batch decoder of the same engine."""
+    model = strong_model(2, "mlp").eval()
+    server = Engine(model, max_batch=2, max_waiting=4, metrics=Metrics(), engine=engine)
+    broken = server.decoder
+
+    def step():
+        raise RuntimeError("a bug")
+
+    broken.step = step
+
+    async def ask_engine() -> list:
+        job = Job(as_request([5, 9, 11], {"max_new_tokens": 5}), asyncio.get_running_loop())
+        server.submit(job)
+        events = []
+        while not events or events[-1][0] not in ("done", "error"):
+            events.append(await asyncio.wait_for(job.events.get(), 60))
+        return events
+
+    server.start()
+    try:
+        failed, served = asyncio.run(ask_engine()), asyncio.run(ask_engine())
+    finally:
+        server.close()
+    assert failed[-1][0] == "error" and failed[-1][2] == 500
+    assert served[-1] == ("done", "length") and sum(len(event[1]) for event in served[:-1]) == 5
+    assert type(server.decoder) is type(broken) and server.decoder is not broken
 
 
 def test_the_http_server_on_the_static_engine_answers_as_generate(tmp_path):
