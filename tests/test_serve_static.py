@@ -70,6 +70,23 @@ def test_rows_joining_and_leaving_each_decode_as_their_solo_static_run(decider, 
     assert decoder.runner.token.shape[0] == 4  # one runner of max_batch rows served all 12
 
 
+def test_unseeded_rows_share_a_draw_and_leave_the_seeded_ones_their_own():
+    """Rows sampling without a seed draw together from torch's default generator: the seeded rows
+    beside them still draw their solo runs' tokens, and the unseeded ones really sample."""
+    model = strong_model(2, "random").eval()
+    cases = mixed_requests(8, seed=7)
+    for i, (_, settings) in enumerate(cases):
+        settings["max_new_tokens"] = 24
+        if i % 4 == 1:
+            settings.pop("seed")  # an unseeded sampling row
+    runs = [run_all(StaticBatchDecoder(model, max_batch=4, graphs=False), cases, at_once=4) for _ in range(2)]
+    for i, (prompt, settings) in enumerate(cases):
+        if "seed" in settings or not settings.get("do_sample"):
+            assert runs[0][i].tokens == solo_static(model, prompt, settings)[0], i
+    unseeded = [i for i in range(len(cases)) if i % 4 == 1]
+    assert [runs[0][i].tokens for i in unseeded] != [runs[1][i].tokens for i in unseeded]
+
+
 def test_greedy_rows_equal_the_eager_server_and_report_its_logprobs():
     """Greedy tokens and passes are the eager batch's, and so are the log-probabilities (final logits)."""
     model = strong_model(2, "mlp").eval()

@@ -9,10 +9,11 @@ its row given to the next request. A step reads the device once for the tokens e
 (and once more for log-probabilities, when a row wants them).
 
 Each row keeps its own sampling settings (the runner's per-row buffers), stop rules and random
-generator, and draws what its solo static run draws, in the same order: its first token from the
-prefill, then Exp(1) noise each step, and a uniform and more noise on the steps that finish its
-hard tokens. A seeded request thus samples the tokens `tah.generate(..., engine="static",
-seed=...)` gives it alone, and a greedy one its greedy tokens.
+generator, and a seeded row draws what its solo static run draws, in the same order: its first
+token from the prefill, then Exp(1) noise each step, and a uniform and more noise on the steps
+that finish its hard tokens. A seeded request thus samples the tokens `tah.generate(...,
+engine="static", seed=...)` gives it alone, and a greedy one its greedy tokens; unseeded rows
+share one draw a step from torch's default generator.
 """
 
 from __future__ import annotations
@@ -87,13 +88,8 @@ class StaticBatchDecoder:
         """One step of every row; rows that finish have `done` set (call `leave` for them)."""
         runner = self._room_for_a_step()
         fused = any(self._pending.values())
-        sampled = logprobs = False
-        for row in self.rows:
-            sampler = row.request.sampler
-            if not sampler.greedy:  # this row's draws, from its generator, as its solo run makes them
-                runner.draw_noise(sampler.generator, self._pending[id(row)], row=self._place[id(row)])
-                sampled = True
-            logprobs = logprobs or row.request.logprobs is not None
+        sampled = self._draw_noise(runner)
+        logprobs = any(row.request.logprobs is not None for row in self.rows)
         runner.step(fused, sampled, logprobs)
         emitted = runner.out.tolist()  # the step's one host sync
         scores = (runner.logprob.tolist(), runner.top_ids.tolist(), runner.top_logprobs.tolist()) if logprobs else None
@@ -111,6 +107,20 @@ class StaticBatchDecoder:
                 stopped.append(place)
         if stopped:
             runner.active[stopped] = False  # their slots idle until `leave` gives the rows away
+
+    def _draw_noise(self, runner: StaticRunner) -> bool:
+        """The step's randomness; returns whether any row samples. A seeded row draws from its own
+        generator what its solo run draws; the unseeded rows share one draw over the whole batch from
+        torch's default generator (a few launches a step instead of a few a row), made first so that
+        the seeded rows' own draws overwrite theirs."""
+        sampling = [row for row in self.rows if not row.request.sampler.greedy]
+        unseeded = [row for row in sampling if row.request.sampler.generator is None]
+        if unseeded:
+            runner.draw_noise(None, any(self._pending[id(row)] for row in unseeded))
+        for row in sampling:
+            if row.request.sampler.generator is not None:
+                runner.draw_noise(row.request.sampler.generator, self._pending[id(row)], row=self._place[id(row)])
+        return bool(sampling)
 
     # -- the runner's room ---------------------------------------------------------------------
     def _runner_with_room(self, slots: int, dtype: torch.dtype) -> StaticRunner:
