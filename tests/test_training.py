@@ -349,13 +349,16 @@ def test_hard_token_weight_scales_the_ce_of_the_labelled_hard_tokens(num_items):
     assert hard.any() and weighted.loss > plain.loss
 
 
+@pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.parametrize("max_iter", [2, 3])
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
-def test_a_training_forward_reads_the_device_once(max_iter, padding):
+def test_a_training_forward_reads_the_device_once(max_iter, padding, stage):
     """Issue 26: on a GPU every read of a tensor's value makes the host wait for the device, and a
-    stage-1 step read 14 times. With oracle labels every pass's tokens are known from one read (the
-    forward's plan): forward and backward read nothing else, padded or not, at any depth."""
+    stage-1 step read 14 times (stage 2: 8). With oracle labels every pass's tokens are known from
+    one read (the forward's plan): forward and backward read nothing else, padded or not, at any
+    depth, in either stage (stage 2's frozen passes run without autograd)."""
     model = tiny_tah(max_iter=max_iter, decider="mlp").train()
+    model.set_training_stage(stage)
     lengths = [24, 30, 17, 30] if padding != "none" else [30] * 4
     ids, mask = left_padded(lengths, seed=0)
     if padding == "right":

@@ -106,7 +106,10 @@ class TaHCache:
         if self.deep_capacity is not None:
             return self._begin_split_pass(positions, depth, real, dtype, branches)
         fill = self.fill
-        grad = torch.is_grad_enabled()
+        # Blocks appended to every row (see the module's docstring): under autograd, and for a
+        # training forward's frozen passes too (stage 2: its caller knows the padding), whose
+        # lengths are then known on the host as well
+        grad = torch.is_grad_enabled() or known is not None
         appended = self._appended if grad else None  # every row's buffers this long: a Python int
         all_real = known.all_real if known is not None else bool(real.all())
         # One contiguous block of slots when every row is filled alike and the pass has no padding.

@@ -105,15 +105,22 @@ class LabelPlan:
     continuing: list[list[int]]
     all_valid: bool  # no padding in the input
     right_padded: bool  # each row's padding, if any, after its tokens
+    labelled: int  # real tokens with a label (not -100): stage 2's decider terms after depth 0
 
     @classmethod
     def read(cls, valid: torch.Tensor, iter_labels: torch.Tensor, max_iter: int) -> LabelPlan:
         """valid (B, T) bool, iter_labels (B, T) pass counts (-100 = none), as the forward has them."""
         lengths = valid.sum(1)
         leading = valid.int().cummin(1).values.sum(1)  # each row's first run of real tokens
+        labelled = ((iter_labels != -100) & valid).sum(1)
         counts = [((iter_labels > depth + 1) & valid).sum(1) for depth in range(max_iter - 1)]
-        lengths, leading, *counts = torch.stack([lengths, leading, *counts]).tolist()  # the one read
-        return cls(counts, all(n == valid.shape[1] for n in lengths), leading == lengths)
+        lengths, leading, labelled, *counts = torch.stack([lengths, leading, labelled, *counts]).tolist()  # the one read
+        return cls(counts, all(n == valid.shape[1] for n in lengths), leading == lengths, sum(labelled))
+
+    def labelled_at(self, depth: int) -> int:
+        """How many tokens of the pass at `depth` have a label (stage 2's decider terms after it):
+        deeper passes hold only tokens whose label sent them there."""
+        return self.labelled if depth == 0 else sum(self.continuing[depth - 1])
 
     def known(self, depth: int) -> KnownReal:
         """The padding of the pass at `depth`: the input's at depth 0; deeper, the packed tokens

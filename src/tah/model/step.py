@@ -89,8 +89,10 @@ class TaggedPasses:
         extra = {} if own_head else {"logits_to_keep": 0}
         # real: the linears skip padding queries in decode steps (DepthState.rows); not the LM head,
         # which reads a 65 MB weight at bench_decode's size whatever its rows, and whose product
-        # at 9-12 rows took longer than at 16 (10.8 vs 7.4 ms, in-loop profile)
-        with self.depth_state.at(depth, inputs.dtype, real):  # depth 0 again after, also after an error
+        # at 9-12 rows took longer than at 16 (10.8 vs 7.4 ms, in-loop profile). Not in a training
+        # forward's passes (`known` given: its frozen stage-2 passes run without autograd too)
+        packable = real if queries.known is None else None
+        with self.depth_state.at(depth, inputs.dtype, packable):  # depth 0 again after, also after an error
             out = model(inputs_embeds=inputs, position_ids=positions, attention_mask=mask,
                         **{HF_CACHE_ARG: cache}, use_cache=True, output_hidden_states=wanted, **extra)
         if not own_head:

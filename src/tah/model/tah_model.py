@@ -332,7 +332,9 @@ class TaHForCausalLM(TaggedPasses, nn.Module):
         scores = self.decider.scores(packing.pack(sums).detach(), tuple(
             h.detach() if h is not None else None for h in hidden))
         scores, labels, valid = packing.unpack(scores), packing.gather(call.iter_labels), packing.gather(call.valid)
-        keep = valid & (labels != -100)
+        # the labelled ones, by index: the plan knows how many (a boolean selection waits on a GPU, in backward too)
+        labelled = (valid & (labels != -100)).int().argsort(descending=True, stable=True)
+        keep = labelled[:call.plan.labelled_at(tokens.depth)]
         return scores[keep], (labels[keep] > tokens.depth + 1).to(scores.dtype)
 
     def _loss(self, call: ForwardCall, sums: torch.Tensor,
