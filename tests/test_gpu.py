@@ -191,12 +191,14 @@ def device_waits(device, step) -> int:
     return sum(e.count for e in prof.key_averages() if e.key in SYNC_EVENTS) - 1  # less the closing one
 
 
-def check_stage1_step_waits_like_sft(device) -> None:
+def check_stage1_step_waits_like_sft(device, stage: int = 1) -> None:
     """Issue 26: a stage-1 step (left-padded batch, 10% of the tokens hard, bf16 autocast) makes the
     host wait for the device at most twice more than the bare model's SFT step on the same batch:
     the forward's one read of its plan (`LabelPlan`), and the soft input's embedding-bag backward
-    (which, like the input embedding's backward in both, counts its segments on the host)."""
+    (which, like the input embedding's backward in both, counts its segments on the host). A
+    stage-2 step (the decider's) as well."""
     model = strong_model("mlp").to(device).train()
+    model.set_training_stage(stage)
     ids, mask = (t.to(device) for t in left_padded([24, 30, 17, 30], seed=0))
     iter_labels = torch.ones_like(ids)
     iter_labels[:, ::10] = 2
@@ -213,11 +215,12 @@ def check_stage1_step_waits_like_sft(device) -> None:
     tah_waits = device_waits(device, step(lambda: model(ids, mask, labels=labels,
                                                          iter_labels=iter_labels.masked_fill(mask == 0, -100)).loss))
     sft_waits = device_waits(device, step(lambda: sft(ids, attention_mask=mask, labels=labels).loss))
-    assert tah_waits <= sft_waits + 2, f"stage 1 waits {tah_waits} times, SFT {sft_waits}"
+    assert tah_waits <= sft_waits + 2, f"stage {stage} waits {tah_waits} times, SFT {sft_waits}"
 
 
-def test_stage1_step_waits_on_the_device_about_as_often_as_sft():
-    check_stage1_step_waits_like_sft(CUDA)
+@pytest.mark.parametrize("stage", [1, 2])
+def test_stage1_step_waits_on_the_device_about_as_often_as_sft(stage):
+    check_stage1_step_waits_like_sft(CUDA, stage)
 
 
 # -- (d) batched bf16 generation --------------------------------------------------------------------------
