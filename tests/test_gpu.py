@@ -211,7 +211,7 @@ def check_stage1_step_waits_like_sft(device, stage: int = 1) -> None:
             loss.backward()
         return run
 
-    sft = copy.deepcopy(model.lm)
+    sft = copy.deepcopy(model.lm).requires_grad_(True)  # (stage 2 froze the copied weights)
     tah_waits = device_waits(device, step(lambda: model(ids, mask, labels=labels,
                                                          iter_labels=iter_labels.masked_fill(mask == 0, -100)).loss))
     sft_waits = device_waits(device, step(lambda: sft(ids, attention_mask=mask, labels=labels).loss))
