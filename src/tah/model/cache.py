@@ -18,7 +18,9 @@ place: autograd would otherwise copy a whole buffer in backward for every write.
 handful of passes, so those concatenations are cheap; decoding, under no_grad, never makes one.
 Where every block so far was appended so, the buffers' length is known on the host, and a pass
 whose caller also says what it knows of its padding (`KnownReal`) reads nothing from the device: a
-training forward on a GPU then queues its passes without waiting on them.
+training forward on a GPU then queues its passes without waiting on them. A training forward's
+passes without autograd (stage 2's frozen ones, evaluation) lay their blocks out alike, written in
+place, since their caller knows the padding too.
 """
 
 from __future__ import annotations
@@ -109,8 +111,8 @@ class TaHCache:
         # Blocks appended to every row (see the module's docstring): under autograd, and for a
         # training forward's frozen passes too (stage 2: its caller knows the padding), whose
         # lengths are then known on the host as well
-        grad = torch.is_grad_enabled() or known is not None
-        appended = self._appended if grad else None  # every row's buffers this long: a Python int
+        blocks = torch.is_grad_enabled() or known is not None
+        appended = self._appended if blocks else None  # every row's buffers this long: a Python int
         all_real = known.all_real if known is not None else bool(real.all())
         # One contiguous block of slots when every row is filled alike and the pass has no padding.
         if appended is not None:
@@ -130,14 +132,14 @@ class TaHCache:
         else:  # real tokens first, in order, then padding
             n_real = real.sum(1)
             in_block = _in_block(real, torch.ones_like(real))  # (B, A) slot - row start
-            if grad:  # one block for all rows, appended by concatenation (see above)
+            if blocks:  # one block for all rows (appended by concatenation under autograd: see above)
                 self._block_start = appended if appended is not None else int(fill.max())
                 identity = known.real_first if known is not None else \
                     bool((in_block == torch.arange(width, device=real.device)).all())
                 self._order = None if identity else in_block.argsort(dim=1)
                 fill = torch.full_like(fill, self._block_start)
             slots = fill[:, None] + in_block
-            self._length = (self._block_start if grad else int(fill.max())) + width
+            self._length = (self._block_start if blocks else int(fill.max())) + width
             self._grow(self._length)
             rows = torch.arange(batch, device=positions.device)[:, None]
             self.pos[rows, slots] = positions
