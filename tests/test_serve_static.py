@@ -16,6 +16,7 @@ from tah import InputError, TaHForCausalLM, generate
 from tah.generation.slots import BatchDecoder
 from tah.generation.static_slots import StaticBatchDecoder
 from tah.kernels.host_reads import HostReads
+from tah.model.checkpoint import load_tokenizer
 from tah.serve.app import load_app, serving_device
 from tah.serve.engine import Engine, Job, batch_decoder
 from tah.serve.metrics import Metrics
@@ -120,7 +121,7 @@ def test_a_cancelled_row_frees_its_place_and_changes_nobody_else():
 
 def test_a_step_reads_the_device_once_without_logprobs():
     model = strong_model(2, "random").eval()
-    cases = [case for case in mixed_requests(4, seed=2)]
+    cases = mixed_requests(4, seed=2)
     for _, settings in cases:
         settings["max_new_tokens"] = 30
     decoder = StaticBatchDecoder(model, max_batch=4, graphs=False)
@@ -186,7 +187,7 @@ def test_the_http_server_on_the_static_engine_answers_as_generate(tmp_path):
         load_app(str(checkpoint), engine="paged")
     server = ServerThread(load_app(str(checkpoint), served_name=NAME, engine="static", max_batch=3, device="cpu"))
     model = TaHForCausalLM.from_pretrained(checkpoint).eval()
-    tokenizer = model_tokenizer(checkpoint)
+    tokenizer = load_tokenizer(str(checkpoint))
     cases = [(f"question {i}?", dict(max_tokens=[6, 25, 40][i % 3], **(dict(temperature=0.8, seed=i) if i % 2
                                                                       else dict(temperature=0)))) for i in range(7)]
     try:
@@ -203,8 +204,3 @@ def test_the_http_server_on_the_static_engine_answers_as_generate(tmp_path):
         count = int((out.iter_counts[0] > 0).sum())
         assert reply["tokens"] == out.sequences[0, len(ids):len(ids) + count].tolist(), (prompt, settings)
         assert reply["passes"] == out.iter_counts[0, :count].tolist()
-
-
-def model_tokenizer(checkpoint):
-    from tah.model.checkpoint import load_tokenizer
-    return load_tokenizer(str(checkpoint))
