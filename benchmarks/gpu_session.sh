@@ -4,7 +4,8 @@
 # Usage: bash benchmarks/gpu_session.sh [BENCH_BUDGET_S]   (logs and JSON under $OUT, else ./gpu-out;
 # the defaults keep the whole script within the device tool's 600 s a call: 130 + 290 + 170 s at worst;
 # COMPILED_BUDGET_S=150: the budget of the second run, bench_gpu.py --compiled (0 skips it);
-# BENCH_ARGS="--smoke --device cpu" dry-runs it on a CPU; PROFILE=1 adds profile_gpu_train.py and profile_gpu_decode.py)
+# BENCH_ARGS="--smoke --device cpu" dry-runs it on a CPU; PROFILE=1 adds profile_gpu_train.py and profile_gpu_decode.py;
+# SERVE=1 adds bench_serve.py on the static engine and on the eager one, 16 clients, its default model)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -40,4 +41,13 @@ if [ -n "${PROFILE:-}" ]; then  # where a stage-1 step's time goes (host vs devi
   echo "profile_gpu_train.py: exit $?, $((SECONDS - start)) s"
   grep -E "^== stage" "$OUT/profile_train.log"
   timeout 90 python3 benchmarks/profile_gpu_decode.py 2>&1 | tee "$OUT/profile_decode.log" | tail -4
+fi
+if [ -n "${SERVE:-}" ]; then  # the server's running batch: static engine (CUDA graphs) vs eager, same load
+  for engine in static eager; do
+    start=$SECONDS
+    timeout 150 python3 benchmarks/bench_serve.py --engine "$engine" --requests 1 --duration 60 ${SERVE_ARGS:-} \
+      > "$OUT/bench_serve_$engine.log" 2>&1
+    echo "bench_serve.py --engine $engine: exit $?, $((SECONDS - start)) s"
+    tail -4 "$OUT/bench_serve_$engine.log"
+  done
 fi
