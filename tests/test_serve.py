@@ -82,7 +82,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    running = ServerThread(load_app(str(checkpoint), served_name=NAME))
+    running = ServerThread(load_app(str(checkpoint), served_name=NAME, device="cpu"))  # as `solo`, on a GPU machine too
     yield running
     running.stop()
 
@@ -287,7 +287,7 @@ def test_a_bad_request_gets_400_naming_the_field_and_the_server_goes_on(server, 
 
 
 def test_a_full_queue_answers_503(checkpoint):
-    busy = ServerThread(load_app(str(checkpoint), served_name=NAME, max_batch=1, max_waiting=1))
+    busy = ServerThread(load_app(str(checkpoint), served_name=NAME, max_batch=1, max_waiting=1, device="cpu"))
     try:
         client = busy.client()
         long = dict(model=NAME, prompt="go", max_tokens=300, temperature=0)
