@@ -43,6 +43,7 @@ def run_all(decoder, cases: list, at_once: int, logprobs: int | None = None, can
         if decoder.rows:
             decoder.step()
             steps += 1
+            assert steps < 1000, "rows stopped decoding"  # (every case ends within 30 tokens)
             cancelled = [rows[i] for i in cancel or () if i in rows and len(rows[i].tokens) >= 3]
             decoder.leave([row for row in decoder.rows if row.done] + cancelled)
     rows["steps"] = steps
@@ -117,6 +118,28 @@ def test_a_cancelled_row_frees_its_place_and_changes_nobody_else():
         else:
             assert (rows[i].tokens, rows[i].passes) == (tokens, passes), i
     assert not decoder.rows and not bool(decoder.runner.active.any())
+
+
+def test_steps_run_on_the_fewest_leading_rows_that_hold_the_batch(monkeypatch):
+    """With 8 places and fewer requests, a step computes a bucket of 1, 2 or 4 leading rows (views of
+    the runner's buffers), rows leaving from the middle are replaced by the last, and every request
+    still decodes its solo run."""
+    model = strong_model(2, "mlp").eval()
+    cases = mixed_requests(7, seed=11)
+    for i, (_, settings) in enumerate(cases):
+        settings["max_new_tokens"] = [3, 20, 8, 14, 5, 26, 11][i]
+    sizes = []
+    step = static_engine.StaticRunner.step
+    monkeypatch.setattr(static_engine.StaticRunner, "step",
+                        lambda runner, *args: (sizes.append((len(decoder.rows), runner.token.shape[0])),
+                                               step(runner, *args)))
+    decoder = StaticBatchDecoder(model, max_batch=8, graphs=False)
+    rows = run_all(decoder, cases, at_once=3)
+    monkeypatch.undo()
+    for i, (prompt, settings) in enumerate(cases):
+        assert (rows[i].tokens, rows[i].passes) == solo_static(model, prompt, settings), i
+    assert {bucket for _, bucket in sizes} == {1, 2, 4}
+    assert all(rows_ <= bucket < 2 * rows_ for rows_, bucket in sizes)
 
 
 def test_a_step_reads_the_device_once_without_logprobs():

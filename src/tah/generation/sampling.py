@@ -3,6 +3,7 @@ speculative acceptance rule that keeps fused decoding exact."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +126,20 @@ class RowSampling:
         self.top_p[row] = sampler.top_p
         self.min_p[row] = sampler.min_p
         self.greedy[row] = sampler.greedy
+
+    SETTINGS = ("temperature", "top_k", "top_p", "min_p", "greedy")
+
+    def leading_rows(self, rows: int) -> RowSampling:
+        """The settings of the first `rows` rows, as views (a change to either shows in the other)."""
+        view = copy.copy(self)
+        for name in self.SETTINGS:
+            setattr(view, name, getattr(self, name)[:rows])
+        return view
+
+    def move_row(self, source: int, target: int) -> None:
+        """Row `target` samples as row `source` does."""
+        for name in self.SETTINGS:
+            getattr(self, name)[target] = getattr(self, name)[source]
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, V) logits -> (B, V) float32 distributions, row b after row b's temperature, top-k (ties

@@ -35,6 +35,7 @@ kernels (norms, rotary, the elementwise work), as HF's compiled static-cache `ge
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections import OrderedDict
@@ -53,6 +54,9 @@ SLOT_ROUNDING = 256  # capacities are rounded up to a multiple of this, so runne
 KEPT_RUNNERS = 4  # batch sizes whose static runner (buffers + graphs) a model keeps, least recently used dropped
 NONE = -1  # "no token" in the emitted tensor
 TOP_LOGPROBS = 20  # the most likely tokens a step's log-probabilities list (OpenAI's top_logprobs allows 20)
+# a runner's per-row buffers besides its cache and sampling settings ((B, ...) each; see leading_rows, move_row)
+ROW_BUFFERS = ("token", "position", "active", "pending", "hard_acc", "hard_pos", "out", "fused_depth", "hard_q",
+               "noise", "resample_noise", "uniform", "logprob", "top_ids", "top_logprobs")
 
 
 def supports(model, fused: bool) -> str | None:
@@ -113,9 +117,35 @@ class StaticRunner:
         self._variant = (False, False)  # (sampled, logprobs) of the step being traced or run
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.settings = _settings_key(model)
-        options = compile_options(model)
-        # compiled once per runner and step kind (and again after `grow`); the graph captures the compiled code
-        self._step = self._run if options is None else torch.compile(self._run, fullgraph=True, **options)
+        self._step = self._step_function()
+
+    def _step_function(self):
+        """The step function: `_run`, compiled after `compile_decode_steps` (once per runner and step
+        kind, and again after `grow`; a graph captures the compiled code)."""
+        options = compile_options(self.model)
+        return self._run if options is None else torch.compile(self._run, fullgraph=True, **options)
+
+    def leading_rows(self, rows: int) -> StaticRunner:
+        """A runner over the first `rows` rows of this one: views of its buffers and cache (what
+        either writes, the other sees), with graphs of its own. A server's running batch, kept in
+        the leading rows, steps on the smallest such bucket that holds it."""
+        view = copy.copy(self)
+        for name in ROW_BUFFERS:
+            setattr(view, name, getattr(self, name)[:rows])
+        view.sampling = self.sampling.leading_rows(rows)
+        view.cache = self.cache.leading_rows(rows)
+        view._graphs = {}
+        view._step = view._step_function()
+        return view
+
+    def move_row(self, source: int, target: int) -> None:
+        """Row `target` takes row `source`'s state, cache entries and sampling settings (a server
+        filling the place of a row that left, to keep its rows leading); `source` is left as it was."""
+        for name in ROW_BUFFERS:
+            buffer = getattr(self, name)
+            buffer[target] = buffer[source]
+        self.sampling.move_row(source, target)
+        self.cache.move_row(source, target)
 
     # -- host side -----------------------------------------------------------------------------
     def load(self, cache: TaHCache, first: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,

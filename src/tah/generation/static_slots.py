@@ -4,9 +4,12 @@
 26). Here the running batch lives in one `StaticRunner` of `max_batch` rows, whose two decode
 steps a CUDA graph replays. A request joins through a prefill of its own (what `tah.generate`
 runs for that prompt alone on the static engine), whose cache entries are copied into a free row
-(`StaticRunner.join_row`); a row that finishes or is cancelled is made inactive between steps and
-its row given to the next request. A step reads the device once for the tokens every row emitted
-(and once more for log-probabilities, when a row wants them).
+(`StaticRunner.join_row`); a row that finishes or is cancelled leaves between steps, the last row
+moving into its place, so that the running rows always lead. A step runs on the smallest bucket of
+leading rows (1, 2, 4, ... up to `max_batch`; views of the runner's buffers, each with its own
+graphs) that holds them: one request costs a step of one row, not of the whole batch. A step reads
+the device once for the tokens every row emitted (and once more for log-probabilities, when a row
+wants them).
 
 Each row keeps its own sampling settings (the runner's per-row buffers), stop rules and random
 generator, and a seeded row draws what its solo static run draws, in the same order: its first
@@ -43,6 +46,7 @@ class StaticBatchDecoder:
         self._place: dict[int, int] = {}  # id(row) -> its row in the runner
         self._pending: dict[int, bool] = {}  # id(row) -> a hard token awaits its depth-1 pass
         self._bound: dict[int, int] = {}  # id(row) -> a bound on its filled slots, known without reading them
+        self._buckets: dict[int, StaticRunner] = {}  # rows -> the runner over the runner's leading rows
 
     @torch.no_grad()
     def join(self, request: Request) -> Row:
@@ -66,27 +70,33 @@ class StaticBatchDecoder:
         used = int(prefill.fill[0])
         headroom = min(request.max_new_tokens + request.max_new_tokens // 4, JOIN_HEADROOM)
         runner = self._runner_with_room(used + headroom + 2, out.logits.dtype)
-        place = min(set(range(self.max_batch)) - set(self._place.values()))
+        place = len(self.rows)  # the rows lead: the first free place is after them
         runner.join_row(place, prefill, first_token, len(request.prompt), request.sampler)
         self.rows.append(row)
         self._place[id(row)], self._pending[id(row)], self._bound[id(row)] = place, False, used
         return row
 
     def leave(self, rows: list[Row]) -> None:
-        """Drop `rows` from the batch (done or cancelled); their runner rows go idle, free for others."""
+        """Drop `rows` from the batch (done or cancelled). The rows after the last one staying move
+        into the places freed before it, so the rows still lead; the places after them go idle."""
         gone = {id(row) for row in rows} & set(self._place)
         if not gone:
             return
-        places = [self._place.pop(key) for key in gone]
+        freed = sorted(self._place.pop(key) for key in gone)
         for key in gone:
             del self._pending[key], self._bound[key]
         self.rows = [row for row in self.rows if id(row) not in gone]
-        self.runner.active[places] = False
+        kept = len(self.rows)
+        movers = [row for row in self.rows if self._place[id(row)] >= kept]
+        for row, place in zip(movers, (place for place in freed if place < kept), strict=True):
+            self.runner.move_row(self._place[id(row)], place)
+            self._place[id(row)] = place
+        self.runner.active[kept:] = False
 
     @torch.no_grad()
     def step(self) -> None:
         """One step of every row; rows that finish have `done` set (call `leave` for them)."""
-        runner = self._room_for_a_step()
+        runner = self._bucket(self._room_for_a_step())
         fused = any(self._pending.values())
         sampled = self._draw_noise(runner)
         logprobs = any(row.request.logprobs is not None for row in self.rows)
@@ -107,6 +117,15 @@ class StaticBatchDecoder:
                 stopped.append(place)
         if stopped:
             runner.active[stopped] = False  # their slots idle until `leave` gives the rows away
+
+    def _bucket(self, runner: StaticRunner) -> StaticRunner:
+        """The runner over the fewest leading rows, a power of two (or max_batch), that hold the batch."""
+        rows = min(1 << (len(self.rows) - 1).bit_length(), self.max_batch)
+        if rows == self.max_batch:
+            return runner
+        if rows not in self._buckets:
+            self._buckets[rows] = runner.leading_rows(rows)
+        return self._buckets[rows]
 
     def _draw_noise(self, runner: StaticRunner) -> bool:
         """The step's randomness; returns whether any row samples. A seeded row draws from its own
@@ -130,6 +149,7 @@ class StaticBatchDecoder:
                                        self.graphs)
         elif self.runner.cache.capacity < slots:
             self.runner.grow(rounded_capacity(max(slots, 2 * self.runner.cache.capacity)))
+            self._buckets = {}  # views of the old buffers
         return self.runner
 
     def _room_for_a_step(self) -> StaticRunner:
@@ -143,6 +163,7 @@ class StaticBatchDecoder:
                 self._bound[id(row)] = fills[self._place[id(row)]]
             if max(self._bound.values()) + 2 > capacity:
                 runner.grow(rounded_capacity(2 * capacity))
+                self._buckets = {}  # views of the old buffers
         return runner
 
     def _emit(self, row: Row, token: int, passes: int, logprob: float | None = None, top: list | None = None) -> None:

@@ -11,6 +11,8 @@ rows) write.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from tah.model.attention import additive_mask, duo_causal_visible
@@ -58,6 +60,19 @@ class StaticTaHCache:
             mine[row].zero_()
             mine[row, :slots] = theirs[0, :slots]
         self.fill[row] = slots
+
+    def leading_rows(self, rows: int) -> StaticTaHCache:
+        """The first `rows` rows, as views (entries written through either show in the other)."""
+        view = copy.copy(self)
+        view.keys, view.values = [k[:rows] for k in self.keys], [v[:rows] for v in self.values]
+        view.pos, view.depth, view.valid, view.fill = self.pos[:rows], self.depth[:rows], self.valid[:rows], self.fill[:rows]
+        view._slots = None
+        return view
+
+    def move_row(self, source: int, target: int) -> None:
+        """Row `target` holds row `source`'s entries, tags and fill (every slot of every layer)."""
+        for buffer in (*self.keys, *self.values, self.pos, self.depth, self.valid, self.fill):
+            buffer[target] = buffer[source]
 
     def grown(self, capacity: int) -> StaticTaHCache:
         """A copy with more slots a row (the same entries in the same slots)."""
