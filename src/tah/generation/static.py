@@ -116,6 +116,10 @@ class StaticRunner:
         self.top_logprobs = torch.zeros(batch, 2, top, **floats)
         self._variant = (False, False)  # (sampled, logprobs) of the step being traced or run
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        # One memory pool for the intermediates of every graph of this runner and of its views
+        # (leading_rows shares this dict): graphs replay one at a time and keep nothing in the pool
+        # past a replay (their results are copied into the buffers), so each need not hold its own.
+        self._pool: dict[str, object] = {}
         self.settings = _settings_key(model)
         self._step = self._step_function()
 
@@ -227,7 +231,9 @@ class StaticRunner:
             torch.cuda.current_stream().wait_stream(side)
             self._restore(saved)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            if "handle" not in self._pool:
+                self._pool["handle"] = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool["handle"]):
                 self._step(*kind)
         finally:
             self._restore(saved)  # capture itself runs nothing, but a failed warm-up may have
