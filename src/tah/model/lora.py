@@ -256,8 +256,6 @@ class DepthLoRALinear(nn.Module):
             if index in self._merged:
                 merged = self._merged[index]
                 return kernels.linear_layouts(merged.device).linear(x, merged, self.base_layer.bias)
-            if torch.is_grad_enabled():
-                return self._trained_pass(x, depth)
         out = self._base_product(x)
         if self.training:  # eval-mode dropout is the identity; skipping its module call saves time
             x = self.dropout(x)
@@ -272,19 +270,6 @@ class DepthLoRALinear(nn.Module):
             else:
                 self.add_adapter_(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), d, where)
         return out
-
-    def _trained_pass(self, x: torch.Tensor, depth: int) -> torch.Tensor:
-        """x (..., in_features) all at `depth` >= 1, under autograd (a deeper training pass): base and
-        adapter in three products on the flattened rows, out of place. add_adapter_'s in-place sum
-        into a view of the linear's output would make backward copy the whole output back through
-        the view (a clone and two copies a linear), and a 3-D product adds views forward and back;
-        this form's backward is the three products' and nothing else (a GPU step is bound by the
-        host's launches: issue 26)."""
-        rows = x.reshape(-1, x.shape[-1])
-        a_t, b_t = self.factors(depth)
-        low_rank = torch.mm(self.dropout(rows) if self.training else rows, a_t)
-        out = torch.addmm(self._base_product(rows), low_rank, b_t, alpha=self.scaling)
-        return out.view(*x.shape[:-1], out.shape[-1])
 
     def _base_product(self, x: torch.Tensor) -> torch.Tensor:
         """base_layer(x) without its module call: at inference on CPU through the linear layouts
