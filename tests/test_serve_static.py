@@ -31,6 +31,14 @@ def solo_static(model, prompt: list[int], settings: dict) -> tuple[list[int], li
     return out.sequences[0, len(prompt):len(prompt) + count].tolist(), out.iter_counts[0, :count].tolist()
 
 
+def requests_of(count: int, seed: int, max_new_tokens) -> list:
+    """mixed_requests with max_new_tokens set: one for all, or one each (a list)."""
+    cases = mixed_requests(count, seed=seed)
+    for i, (_, settings) in enumerate(cases):
+        settings["max_new_tokens"] = max_new_tokens[i] if isinstance(max_new_tokens, list) else max_new_tokens
+    return cases
+
+
 def run_all(decoder, cases: list, at_once: int, logprobs: int | None = None, cancel: set | None = None) -> dict:
     """Decode `cases` with up to `at_once` rows, two joining between steps; rows in `cancel` leave after
     their third token. Returns {case index: row}."""
@@ -76,11 +84,9 @@ def test_unseeded_rows_share_a_draw_and_leave_the_seeded_ones_their_own():
     """Rows sampling without a seed draw together from torch's default generator: the seeded rows
     beside them still draw their solo runs' tokens, and the unseeded ones really sample."""
     model = strong_model(2, "random").eval()
-    cases = mixed_requests(8, seed=7)
-    for i, (_, settings) in enumerate(cases):
-        settings["max_new_tokens"] = 24
-        if i % 4 == 1:
-            settings.pop("seed")  # an unseeded sampling row
+    cases = requests_of(8, seed=7, max_new_tokens=24)
+    for _, settings in cases[1::4]:
+        settings.pop("seed")  # an unseeded sampling row
     runs = [run_all(StaticBatchDecoder(model, max_batch=4, graphs=False), cases, at_once=4) for _ in range(2)]
     for i, (prompt, settings) in enumerate(cases):
         if "seed" in settings or not settings.get("do_sample"):
@@ -106,9 +112,7 @@ def test_greedy_rows_equal_the_eager_server_and_report_its_logprobs():
 
 def test_a_cancelled_row_frees_its_place_and_changes_nobody_else():
     model = strong_model(2, "mlp").eval()
-    cases = mixed_requests(5, seed=5)
-    for _, settings in cases:
-        settings["max_new_tokens"] = 20
+    cases = requests_of(5, seed=5, max_new_tokens=20)
     decoder = StaticBatchDecoder(model, max_batch=2, graphs=False)
     rows = run_all(decoder, cases, at_once=2, cancel={0, 3})
     for i, (prompt, settings) in enumerate(cases):
@@ -125,9 +129,7 @@ def test_steps_run_on_the_fewest_leading_rows_that_hold_the_batch(monkeypatch):
     the runner's buffers), rows leaving from the middle are replaced by the last, and every request
     still decodes its solo run."""
     model = strong_model(2, "mlp").eval()
-    cases = mixed_requests(7, seed=11)
-    for i, (_, settings) in enumerate(cases):
-        settings["max_new_tokens"] = [3, 20, 8, 14, 5, 26, 11][i]
+    cases = requests_of(7, seed=11, max_new_tokens=[3, 20, 8, 14, 5, 26, 11])
     sizes = []
     step = static_engine.StaticRunner.step
     monkeypatch.setattr(static_engine.StaticRunner, "step",
@@ -144,9 +146,7 @@ def test_steps_run_on_the_fewest_leading_rows_that_hold_the_batch(monkeypatch):
 
 def test_a_step_reads_the_device_once_without_logprobs():
     model = strong_model(2, "random").eval()
-    cases = mixed_requests(4, seed=2)
-    for _, settings in cases:
-        settings["max_new_tokens"] = 30
+    cases = requests_of(4, seed=2, max_new_tokens=30)
     decoder = StaticBatchDecoder(model, max_batch=4, graphs=False)
     for case in cases:
         decoder.join(as_request(*case))
