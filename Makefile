@@ -15,8 +15,11 @@ $(BIN)/tah: pyproject.toml
 LOWER := .venv-lower
 LOWER_BIN := $(LOWER)/bin
 LOWER_PINS = $(shell sed -n 's/^ *"\(transformers\|accelerate\|datasets\|safetensors\|rich\|tqdm\)>=\([^"]*\)",*$$/\1==\2/p' pyproject.toml)
+# The tests that lean on them most: parity, generation, training (accelerate), data and labels (datasets),
+# checkpoints (safetensors), FLOP counts (transformers' modules), ~1 min more than the parity ones alone.
 LOWER_TESTS := tests/test_parity_upstream.py tests/test_generation.py tests/test_training.py tests/test_train.py \
-	tests/test_hf_compat.py tests/test_checkpoint.py
+	tests/test_hf_compat.py tests/test_checkpoint.py tests/test_data.py tests/test_label.py tests/test_flops.py \
+	tests/test_toy_task.py
 
 $(LOWER_BIN)/tah: pyproject.toml
 	test -x $(LOWER_BIN)/python || $(PY) -m venv $(LOWER)
