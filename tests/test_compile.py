@@ -32,7 +32,8 @@ def check_compiled_matches_eager(device, backend: str, batches=BATCHES, autocast
     """Stage-1 steps (forward, backward) of a model whose deeper passes are compiled against the same
     steps of an eager copy: the losses and every gradient within `tol` (cosine > 0.999 under autocast,
     where rounding differs), the pass counts equal, and at most two graphs for all the batches (the
-    first compile specialises the sequence length; the recompile makes it dynamic)."""
+    first compile specialises the sequence length; the recompile makes it dynamic), each traced once
+    (dynamo restarting its analysis would trace a graph twice: twice the compile time)."""
     device = torch.device(device)
     torch.manual_seed(0)
     eager = tiny_tah(max_iter=2, vocab=256).to(device).train()
@@ -59,10 +60,11 @@ def check_compiled_matches_eager(device, backend: str, batches=BATCHES, autocast
                 assert torch.nn.functional.cosine_similarity(grads_c, grads_e, dim=0) > 0.999, f"batch {i}"
             else:
                 torch.testing.assert_close(grads_c, grads_e, atol=tol, rtol=tol, msg=f"batch {i}")
-        graphs = counters["stats"]["unique_graphs"]
+        graphs, traced = counters["stats"]["unique_graphs"], counters["aot_autograd"]["total"]
     finally:
         torch._dynamo.reset()
     assert 1 <= graphs <= 2, f"{graphs} graphs for {len(batches)} batches"
+    assert traced == graphs, f"{traced} traces of {graphs} graphs: dynamo restarted its analysis"
 
 
 def test_compiled_deep_passes_match_eager_over_changing_shapes():
