@@ -67,4 +67,17 @@ def _only_autograd_holds(grad: torch.Tensor) -> bool:
     use_count = getattr(torch._C, "_storage_Use_Count", None)
     if use_count is None or grad._base is not None or not grad.is_contiguous():
         return False
-    return use_count(grad.untyped_storage()._cdata) == 2  # grad itself + the storage object made here
+    return use_count(grad.untyped_storage()._cdata) == _use_count_alone(use_count)
+
+
+def _use_count_alone(use_count) -> int:
+    """The storage use count of a tensor nobody else holds, read as `_only_autograd_holds` reads it:
+    2 on torch 2.11 and 2.13 (the tensor and the storage object asked for), 1 on 2.9 (the storage
+    object not counted). Read once."""
+    if _ALONE[0] is None:
+        alone = torch.empty(1)  # held by a name while its count is read
+        _ALONE[0] = use_count(alone.untyped_storage()._cdata)
+    return _ALONE[0]
+
+
+_ALONE: list[int | None] = [None]
