@@ -12,6 +12,8 @@ gradient in place when nothing else can read that gradient.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -67,17 +69,13 @@ def _only_autograd_holds(grad: torch.Tensor) -> bool:
     use_count = getattr(torch._C, "_storage_Use_Count", None)
     if use_count is None or grad._base is not None or not grad.is_contiguous():
         return False
-    return use_count(grad.untyped_storage()._cdata) == _use_count_alone(use_count)
+    return use_count(grad.untyped_storage()._cdata) == _use_count_alone()
 
 
-def _use_count_alone(use_count) -> int:
+@functools.cache
+def _use_count_alone() -> int:
     """The storage use count of a tensor nobody else holds, read as `_only_autograd_holds` reads it:
     2 on torch 2.11 and 2.13 (the tensor and the storage object asked for), 1 on 2.9 (the storage
-    object not counted). Read once."""
-    if _ALONE[0] is None:
-        alone = torch.empty(1)  # held by a name while its count is read
-        _ALONE[0] = use_count(alone.untyped_storage()._cdata)
-    return _ALONE[0]
-
-
-_ALONE: list[int | None] = [None]
+    object not counted)."""
+    alone = torch.empty(1)  # held by a name while its count is read
+    return torch._C._storage_Use_Count(alone.untyped_storage()._cdata)
