@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 
 $(BIN)/tah: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.6"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.9"
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(BIN)/tah
 
@@ -23,7 +23,7 @@ LOWER_TESTS := tests/test_parity_upstream.py tests/test_generation.py tests/test
 
 $(LOWER_BIN)/tah: pyproject.toml
 	test -x $(LOWER_BIN)/python || $(PY) -m venv $(LOWER)
-	$(LOWER_BIN)/python -c "import torch" 2>/dev/null || $(LOWER_BIN)/pip install -q "torch==2.13.0" || $(LOWER_BIN)/pip install -q "torch>=2.6"
+	$(LOWER_BIN)/python -c "import torch" 2>/dev/null || $(LOWER_BIN)/pip install -q "torch==2.13.0" || $(LOWER_BIN)/pip install -q "torch>=2.9"
 	$(LOWER_BIN)/pip install -q -e ".[test]" $(LOWER_PINS)
 	touch $(LOWER_BIN)/tah
 
