@@ -93,8 +93,9 @@ def test_compiled_rows_run_beside_their_references(tmp_path):
     """--compiled: compile_deep_passes and compile_decode_steps (inductor, here on CPU) each measured
     beside the eager row it is a ratio of, in one run."""
     out = tmp_path / "compiled.json"
-    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--device", "cpu", "--compiled", "--out", str(out)],
-                         capture_output=True, text=True, timeout=900)
+    # its compiles took 289 s of the default 280 s budget on a loaded 2-core machine, and rows were skipped
+    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--device", "cpu", "--compiled", "--budget-s", "800",
+                          "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     figures = json.loads(out.read_text())
     assert figures["errors"] == [] and figures["skipped"] == []
