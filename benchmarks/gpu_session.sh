@@ -2,17 +2,18 @@
 # Issue 26's GPU checks in one run (the device tool's H200, or any CUDA machine with torch and
 # transformers installed): the environment, `pytest -m gpu`, then benchmarks/bench_gpu.py.
 # Usage: bash benchmarks/gpu_session.sh [BENCH_BUDGET_S]   (logs and JSON under $OUT, else ./gpu-out;
-# the defaults keep the whole script within the device tool's 600 s a call: 130 + 290 + 170 s at worst;
-# COMPILED_BUDGET_S=150: the budget of the second run, bench_gpu.py --compiled (0 skips it);
+# the defaults keep the whole script within the device tool's 600 s a call: 130 + 290 s at worst, then
+# the second run, bench_gpu.py --compiled, gets what is left of 575 s (COMPILED_BUDGET_S sets its budget
+# instead; 0 skips it): its first training step compiles the deeper pass, ~2-3 minutes at 28 layers;
 # BENCH_ARGS="--smoke --device cpu" dry-runs it on a CPU; PROFILE=1 adds profile_gpu_train.py and profile_gpu_decode.py;
-# SERVE=1 adds bench_serve.py on the static engine and on the eager one, 16 clients, its default model)
+# SERVE=1 adds bench_serve.py on the static engine and on the eager one, 16 clients, its default model;
+# those two run after the compiled run: give it a smaller COMPILED_BUDGET_S (or 0) to leave them time)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 budget=${1:-270}
-COMPILED_BUDGET_S=${COMPILED_BUDGET_S:-150}
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, \
 '| cuda', torch.version.cuda, torch.cuda.is_available())"
@@ -27,7 +28,10 @@ grep -E "Error|error|SKIPPED|Traceback" "$OUT/bench_gpu.log" | head -20
 tail -c 7000 "$OUT/bench_gpu.log"
 # The compiled rows (compile_deep_passes, compile_decode_steps) beside their eager references: their
 # compiles would not fit the full run's budget
-if [ "$COMPILED_BUDGET_S" -gt 0 ]; then
+# (what is left of 575 s after 20 s for timeout's margin; not run with under a minute left)
+COMPILED_BUDGET_S=${COMPILED_BUDGET_S:-$((575 - SECONDS - 20))}
+echo "bench_gpu.py --compiled: budget $COMPILED_BUDGET_S s"
+if [ "$COMPILED_BUDGET_S" -ge 60 ]; then
   start=$SECONDS
   timeout $((COMPILED_BUDGET_S + 20)) python3 benchmarks/bench_gpu.py --compiled --budget-s "$COMPILED_BUDGET_S" \
     --out "$OUT/bench_gpu_compiled.json" ${BENCH_ARGS:-} > "$OUT/bench_gpu_compiled.log" 2>&1
