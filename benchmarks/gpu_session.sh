@@ -44,7 +44,7 @@ if [ -n "${PROFILE:-}" ]; then  # where a stage-1 step's time goes (host vs devi
   timeout 120 python3 benchmarks/profile_gpu_train.py --top 12 > "$OUT/profile_train.log" 2>&1
   echo "profile_gpu_train.py: exit $?, $((SECONDS - start)) s"
   grep -E "^== stage" "$OUT/profile_train.log"
-  timeout 90 python3 benchmarks/profile_gpu_decode.py 2>&1 | tee "$OUT/profile_decode.log" | tail -4
+  timeout 120 python3 benchmarks/profile_gpu_decode.py 2>&1 | tee "$OUT/profile_decode.log" | grep -v "^USDT" | tail -44
 fi
 if [ -n "${SERVE:-}" ]; then  # the server's running batch: static engine (CUDA graphs) vs eager, same load
   for engine in static eager; do

@@ -6,6 +6,7 @@ EOS stop, the share it claims iterated) and gave positive finite figures is."""
 import inspect
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,7 +117,8 @@ def test_compiled_rows_run_beside_their_references(tmp_path):
 
 
 @pytest.mark.parametrize("script, args, expected", [
-    ("profile_gpu_decode.py", ["--replays", "2"], ["batch 1: prefill", "batch 2: prefill", "fused step"]),
+    ("profile_gpu_decode.py", ["--replays", "2", "--top", "3"],
+     ["batch 1: prefill", "batch 2: prefill", "fused step", "batch 1, plain step: ", "batch 2, fused step: "]),
     ("profile_gpu_train.py", ["--top", "3"], ["== stage 1, 0% hard", "== stage 1, 10% hard", "aten ops"]),
 ])
 def test_gpu_profiles_run_in_smoke_mode(script, args, expected):
@@ -126,3 +128,7 @@ def test_gpu_profiles_run_in_smoke_mode(script, args, expected):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     for text in expected:
         assert text in run.stdout
+    if script == "profile_gpu_decode.py":  # the kernel lists: a fused step (two passes' queries) does more
+        counts = {kind: float(re.search(rf"batch 1, {kind} step: (\d+) aten ops a step", run.stdout).group(1))
+                  for kind in ("plain", "fused")}
+        assert counts["fused"] > counts["plain"] > 0, counts
