@@ -77,6 +77,12 @@ def test_compiled_deep_passes_with_inductor_match_eager():
     check_compiled_matches_eager("cpu", "inductor", batches=BATCHES[:2], tol=1e-4)
 
 
+def test_compiled_deep_passes_under_bf16_autocast_match_eager():
+    """GPU training runs under bf16 autocast: the compiled pass traces the autocast regions as eager runs
+    them (aot_eager on CPU; the CUDA test below runs inductor's kernels)."""
+    check_compiled_matches_eager("cpu", "aot_eager", batches=BATCHES[:3], autocast=True, tol=1e-2)
+
+
 def test_only_training_deep_passes_are_compiled():
     """Depth 0, inference and stage 2 (no autograd) keep the eager modules: decoding's engines
     choose their own paths, and a compiled inference pass would only add compile time."""
