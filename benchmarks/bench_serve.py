@@ -73,14 +73,17 @@ def free_port() -> int:
 def start_server(model: str, max_batch: int, threads: int, *extra: str) -> tuple[subprocess.Popen, str]:
     """`tah serve` of `model` on a free port, with `extra` options; (its process, its URL) once it answers."""
     port = free_port()
+    log = tempfile.TemporaryFile()  # the server's stderr (a file, not a pipe nobody drains), shown if it fails to start
     process = subprocess.Popen([sys.executable, "-m", "tah.cli", "serve", "--model", model, "--port", str(port),
                                 "--max-batch", str(max_batch), "--served-name", NAME, "--threads", str(threads), *extra],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"tah serve exited with {process.returncode}")
+            log.seek(0)
+            said = log.read().decode(errors="replace")[-3000:]
+            raise SystemExit(f"tah serve exited with {process.returncode}; its last output:\n{said}")
         try:
             if httpx.get(f"{url}/health").status_code == 200:
                 return process, url

@@ -6,7 +6,8 @@
 # the second run, bench_gpu.py --compiled, gets what is left of 575 s (COMPILED_BUDGET_S sets its budget
 # instead; 0 skips it): its first training step compiles the deeper pass, ~2-3 minutes at 28 layers;
 # BENCH_ARGS="--smoke --device cpu" dry-runs it on a CPU; PROFILE=1 adds profile_gpu_train.py and profile_gpu_decode.py;
-# SERVE=1 adds bench_serve.py on the static engine and on the eager one, 16 clients, its default model;
+# SERVE=1 adds bench_serve.py on the static engine and on the eager one, 16 clients, its default model
+# (the device tool's image has no fastapi, uvicorn or pydantic: carry their wheels, its README says how);
 # those two run after the compiled run: give it a smaller COMPILED_BUDGET_S (or 0) to leave them time)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,11 +41,12 @@ if [ "$COMPILED_BUDGET_S" -ge 60 ]; then
   tail -c 5000 "$OUT/bench_gpu_compiled.log"
 fi
 if [ -n "${PROFILE:-}" ]; then  # where a stage-1 step's time goes (host vs device), after the bench
+  smoke=""; [[ "${BENCH_ARGS:-}" == *--smoke* ]] && smoke="--smoke"  # a CPU dry run: the tiny shapes
   start=$SECONDS
-  timeout 120 python3 benchmarks/profile_gpu_train.py --top 12 > "$OUT/profile_train.log" 2>&1
+  timeout 120 python3 benchmarks/profile_gpu_train.py $smoke --top 12 > "$OUT/profile_train.log" 2>&1
   echo "profile_gpu_train.py: exit $?, $((SECONDS - start)) s"
   grep -E "^== stage" "$OUT/profile_train.log"
-  timeout 120 python3 benchmarks/profile_gpu_decode.py 2>&1 | tee "$OUT/profile_decode.log" | grep -v "^USDT" | tail -44
+  timeout 120 python3 benchmarks/profile_gpu_decode.py $smoke 2>&1 | tee "$OUT/profile_decode.log" | grep -v "^USDT" | tail -44
 fi
 if [ -n "${SERVE:-}" ]; then  # the server's running batch: static engine (CUDA graphs) vs eager, same load
   for engine in static eager; do
