@@ -1,44 +1,46 @@
 #!/usr/bin/env bash
 # Issue 26's GPU checks in one run (the device tool's H200, or any CUDA machine with torch and
-# transformers installed): the environment, `pytest -m gpu`, then benchmarks/bench_gpu.py.
+# transformers installed): the environment, `pytest -m gpu`, then benchmarks/bench_gpu.py (compiled rows, then all).
 # Usage: bash benchmarks/gpu_session.sh [BENCH_BUDGET_S]   (logs and JSON under $OUT, else ./gpu-out;
-# the defaults keep the whole script within the device tool's 600 s a call: 130 + 290 s at worst, then
-# the second run, bench_gpu.py --compiled, gets what is left of 575 s (COMPILED_BUDGET_S sets its budget
-# instead; 0 skips it): its first training step compiles the deeper pass, ~2-3 minutes at 28 layers;
+# the defaults keep the whole script within the device tool's 600 s a call: pytest 130 s at worst, then
+# bench_gpu.py --compiled (COMPILED_BUDGET_S=280 + 20 s; 0 skips it: its first training step compiles the
+# deeper pass, ~2-3 minutes at 28 layers), then the full bench_gpu.py run with what is left of 575 s;
 # BENCH_ARGS="--smoke --device cpu" dry-runs it on a CPU; PROFILE=1 adds profile_gpu_train.py and profile_gpu_decode.py;
 # SERVE=1 adds bench_serve.py on the static engine and on the eager one, 16 clients, its default model
 # (the device tool's image has no fastapi, uvicorn or pydantic: carry their wheels, its README says how);
-# those two run after the compiled run: give it a smaller COMPILED_BUDGET_S (or 0) to leave them time)
+# those two run after both runs: give a smaller COMPILED_BUDGET_S and BENCH_BUDGET_S to leave them time)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-budget=${1:-270}
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, \
 '| cuda', torch.version.cuda, torch.cuda.is_available())"
 start=$SECONDS
 timeout 130 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rfEs 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
 echo "pytest -m gpu: $((SECONDS - start)) s"
-start=$SECONDS
-timeout $((budget + 20)) python3 benchmarks/bench_gpu.py --budget-s "$budget" --out "$OUT/bench_gpu.json" ${BENCH_ARGS:-} \
-  > "$OUT/bench_gpu.log" 2>&1
-echo "bench_gpu.py: exit $?, $((SECONDS - start)) s"
-grep -E "Error|error|SKIPPED|Traceback" "$OUT/bench_gpu.log" | head -20
-tail -c 7000 "$OUT/bench_gpu.log"
-# The compiled rows (compile_deep_passes, compile_decode_steps) beside their eager references: their
-# compiles would not fit the full run's budget
-# (what is left of 575 s after 20 s for timeout's margin; not run with under a minute left)
-COMPILED_BUDGET_S=${COMPILED_BUDGET_S:-$((575 - SECONDS - 20))}
-echo "bench_gpu.py --compiled: budget $COMPILED_BUDGET_S s"
-if [ "$COMPILED_BUDGET_S" -ge 60 ]; then
+# First the compiled rows (compile_deep_passes, compile_decode_steps) beside their eager references:
+# never measured on a GPU yet, and their first steps compile for minutes
+COMPILED_BUDGET_S=${COMPILED_BUDGET_S:-280}
+if [ "$COMPILED_BUDGET_S" -gt 0 ]; then
   start=$SECONDS
   timeout $((COMPILED_BUDGET_S + 20)) python3 benchmarks/bench_gpu.py --compiled --budget-s "$COMPILED_BUDGET_S" \
     --out "$OUT/bench_gpu_compiled.json" ${BENCH_ARGS:-} > "$OUT/bench_gpu_compiled.log" 2>&1
   echo "bench_gpu.py --compiled: exit $?, $((SECONDS - start)) s"
   grep -E "Error|error|SKIPPED|Traceback|warm-up|compile" "$OUT/bench_gpu_compiled.log" | head -20
   tail -c 5000 "$OUT/bench_gpu_compiled.log"
+fi
+# Then the full run (both tables, most important rows first) with what is left of 575 s
+budget=${1:-$((575 - SECONDS - 20))}
+echo "bench_gpu.py: budget $budget s"
+if [ "$budget" -ge 60 ]; then
+  start=$SECONDS
+  timeout $((budget + 20)) python3 benchmarks/bench_gpu.py --budget-s "$budget" --out "$OUT/bench_gpu.json" ${BENCH_ARGS:-} \
+    > "$OUT/bench_gpu.log" 2>&1
+  echo "bench_gpu.py: exit $?, $((SECONDS - start)) s"
+  grep -E "Error|error|SKIPPED|Traceback" "$OUT/bench_gpu.log" | head -20
+  tail -c 7000 "$OUT/bench_gpu.log"
 fi
 if [ -n "${PROFILE:-}" ]; then  # where a stage-1 step's time goes (host vs device), after the bench
   smoke=""; [[ "${BENCH_ARGS:-}" == *--smoke* ]] && smoke="--smoke"  # a CPU dry run: the tiny shapes
