@@ -6,6 +6,7 @@ EOS stop, the share it claims iterated) and gave positive finite figures is."""
 import inspect
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -132,3 +133,20 @@ def test_gpu_profiles_run_in_smoke_mode(script, args, expected):
         counts = {kind: float(re.search(rf"batch 1, {kind} step: (\d+) aten ops a step", run.stdout).group(1))
                   for kind in ("plain", "fused")}
         assert counts["fused"] > counts["plain"] > 0, counts
+
+
+def test_gpu_session_script_dry_runs_on_cpu(tmp_path):
+    """`bash benchmarks/gpu_session.sh`, the one call a lent GPU gets, dry-run on CPU (tiny shapes, the
+    compiled run skipped): the `gpu` tests are collected (and skip without CUDA), the full run writes its
+    figures, and each part says how it ended."""
+    env = {**os.environ, "OUT": str(tmp_path), "BENCH_ARGS": "--smoke --device cpu", "COMPILED_BUDGET_S": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # python3: this venv's
+    run = subprocess.run(["bash", str(BENCH.parent / "gpu_session.sh")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    skips = re.findall(r"SKIPPED \[(\d+)\] (tests/\S+?):\d+: needs CUDA", (tmp_path / "pytest_gpu.log").read_text())
+    assert {path for _, path in skips} == {"tests/test_gpu.py", "tests/test_compile.py"}, run.stdout[-4000:]
+    assert sum(int(n) for n, _ in skips) >= 14  # every `gpu` test, each skipped for want of CUDA
+    assert "bench_gpu.py: exit 0" in run.stdout, run.stdout[-4000:]
+    figures = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert figures["decode"] and figures["train"] and not figures["errors"]
