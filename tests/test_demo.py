@@ -45,6 +45,18 @@ def test_writes_only_under_out(demo):
     assert not demo["hf_home"].exists() or not any(demo["hf_home"].rglob("*.safetensors"))
 
 
+def test_results_name_the_machine_and_library_versions(demo):
+    """The figures depend on the CPU's kernels and may on the libraries: results.json says which ran."""
+    import accelerate
+    import torch
+    import transformers
+
+    machine = demo["results"]["machine"]
+    for name, module in (("torch", torch), ("transformers", transformers), ("accelerate", accelerate)):
+        assert f"{name} {module.__version__}" in machine, machine
+    assert "CPUs" in machine and "unknown CPU" not in machine, machine
+
+
 def test_printed_table_rows_match_results_json(demo):
     rows = {line.split("│")[1].strip(): line for line in demo["stdout"].splitlines() if line.startswith("│")}
     assert [r["name"] for r in demo["results"]["models"]] == list(MODELS)

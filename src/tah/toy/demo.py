@@ -289,12 +289,36 @@ def _label_stats(labeled: Path) -> dict:
 
 
 def _machine() -> str:
+    """What the figures depend on besides the code, for results.json: at these margins another CPU
+    model's kernels moved the verdicts (README, "The demo"), and the libraries' versions may too."""
     import os
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
     import torch
 
-    return f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    def installed(name: str) -> str:
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            return f"{name} not installed"
+
+    libraries = ", ".join(installed(name) for name in ("transformers", "accelerate", "datasets", "numpy"))
+    return (f"{platform.machine()} {platform.system()}, {_cpu_model()}, {os.cpu_count()} CPUs, "
+            f"torch {torch.__version__}, {libraries}")
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def _copy(src: Path, dst: Path) -> None:
