@@ -103,6 +103,7 @@ def print_kernels(step, device: str, replays: int, top: int, title: str) -> None
     on_device = device == "cuda"
     events = [e for e in prof.key_averages()
               if (e.device_type.name == "CUDA") == on_device and (on_device or e.key.startswith("aten::"))]
+
     def per_call(e) -> float:  # microseconds a step
         return (e.self_device_time_total if on_device else e.self_cpu_time_total) / replays
     total = sum(per_call(e) for e in events)

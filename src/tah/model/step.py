@@ -166,9 +166,9 @@ class TaggedPasses:
 def _floats_specialized(compiled: nn.Module):
     """`compiled` called with dynamo's float specialization on. Under dynamic=True dynamo first traces
     the model's Python floats (LoRA scalings, norm epsilons, attention scales) as symbols, finds while
-    compiling the backward that they must be constants, and traces the whole pass again: a quarter to a third of a
-    deeper pass's compile time (one-off, bench_host's model: 2 layers 19 vs 13 s with aot_eager, 4 layers
-    77 vs 55 s and 28 layers 414 vs 303 s with inductor).
+    compiling the backward that they must be constants, and traces the whole pass again: a quarter to a
+    third of a deeper pass's compile time (one-off, bench_host's model: 2 layers 19 vs 13 s with
+    aot_eager, 4 layers 77 vs 55 s and 28 layers 414 vs 303 s with inductor).
     The floats never change between calls, so constants lose nothing."""
     def call(*args, **kwargs):
         with torch._dynamo.config.patch(specialize_float=True):

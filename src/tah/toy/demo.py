@@ -309,7 +309,7 @@ def _machine() -> str:
 
 
 def _cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    """The CPU's model name (x86 Linux: /proc/cpuinfo), else what `platform` knows (may be nothing)."""
     import platform
 
     try:
